@@ -1,0 +1,465 @@
+"""DeepSeek-VL for causal LM: hybrid SAM-B + SigLIP-L vision encoder, MLP adapter and a Llama LLM.
+
+Hub remote code: imports only torch, timm, transformers and the config beside it; works on transformers
+4.57.x and 5.x. The vision backbones are built from timm's blocks, the LLM is transformers' `LlamaModel`,
+so the attention implementations of the LLM (eager / sdpa / flash_attention_2) come from transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, PatchEmbed
+from timm.models.vision_transformer import Block as TimmViTBlock
+from timm.models.vision_transformer_sam import Block as TimmSamBlock
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, LlamaModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_deepseek_vl_hf import DeepseekVLHFConfig, DeepseekVLSamConfig, DeepseekVLSiglipConfig
+
+try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+# transformers 5 renamed `past_key_values` to `cache` in forward signatures and outputs.
+_LLM_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _normalize(pixel_values: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """[0, 1] pixels -> (x - mean) / std per channel, in the input's dtype."""
+    mean_t = torch.tensor(mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+    return (pixel_values - mean_t) / std_t
+
+
+def _resize_fp32(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """Bilinear resize computed in float32 (no bf16 antialias kernel on CPU), returned in the input dtype."""
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    return out.to(x.dtype)
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Runs `self.blocks` in order, through activation checkpointing when enabled and training."""
+
+    gradient_checkpointing = False
+
+    def _run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            fn = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+            return fn(block.__call__, hidden)
+        return block(hidden)
+
+
+class DeepseekVLSiglipBlock(TimmViTBlock):
+    """timm ViT block (pre-norm, exact GELU); a named subclass so FSDP auto-wrap can target it."""
+
+
+class DeepseekVLSamBlock(TimmSamBlock):
+    """timm SAM block (windowed or global attention with decomposed relative positions), for FSDP auto-wrap."""
+
+
+class DeepseekVLSiglipEncoder(_CheckpointedBlocks):
+    """SigLIP ViT trunk: patch embedding, learned positions, the kept blocks and the final LayerNorm.
+
+    Input `[B, 3, S, S]` normalised pixels (S = `config.image_size`); output `[B, (S/patch)^2, hidden]`.
+    """
+
+    def __init__(self, config: DeepseekVLSiglipConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, 3, config.hidden_size, bias=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, config.hidden_size))
+        norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            DeepseekVLSiglipBlock(
+                dim=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                mlp_ratio=config.intermediate_size / config.hidden_size,
+                qkv_bias=True,
+                norm_layer=norm_layer,
+                act_layer=nn.GELU,
+            )
+            for _ in range(config.num_kept_layers)
+        )
+        self.norm = norm_layer(config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.patch_embed(pixel_values) + self.pos_embed
+        for block in self.blocks:
+            hidden = self._run_block(block, hidden)
+        return self.norm(hidden)
+
+
+class DeepseekVLSamEncoder(_CheckpointedBlocks):
+    """SAM-B image encoder with its neck, resampled and downsampled to the SigLIP token grid.
+
+    Input `[B, 3, S, S]` normalised pixels (S = `config.image_size`); output `[B, grid^2, downsample_channels[-1]]`
+    where `grid = output_grid`. `neck -> bilinear resize to grid * 2^n -> n stride-2 convs`; when `hd_block_index`
+    is set, that block's output goes through `neck_hd` and the same convs, scaled by `hd_alpha_downsamples`.
+    """
+
+    def __init__(self, config: DeepseekVLSamConfig, output_grid: int):
+        super().__init__()
+        self.config = config
+        self.output_grid = output_grid
+        grid = config.image_size // config.patch_size
+        self.patch_embed = PatchEmbed(
+            config.image_size, config.patch_size, 3, config.hidden_size, bias=True, output_fmt="NHWC"
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.hidden_size))
+        norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            DeepseekVLSamBlock(
+                dim=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                mlp_ratio=config.intermediate_size / config.hidden_size,
+                qkv_bias=True,
+                norm_layer=norm_layer,
+                act_layer=nn.GELU,
+                use_rel_pos=True,
+                window_size=0 if i in config.global_attn_indexes else config.window_size,
+                input_size=(grid, grid),
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.neck = self._build_neck(config)
+        self.neck_hd = self._build_neck(config) if config.hd_block_index is not None else None
+        channels = [config.neck_channels, *config.downsample_channels]
+        self.downsamples = nn.Sequential(
+            *(
+                nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False)
+                for c_in, c_out in zip(channels[:-1], channels[1:])
+            )
+        )
+        self.hd_alpha_downsamples = nn.Parameter(torch.zeros(1)) if config.hd_block_index is not None else None
+
+    @staticmethod
+    def _build_neck(config: DeepseekVLSamConfig) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(config.hidden_size, config.neck_channels, kernel_size=1, bias=False),
+            LayerNorm2d(config.neck_channels, eps=config.layer_norm_eps),
+            nn.Conv2d(config.neck_channels, config.neck_channels, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(config.neck_channels, eps=config.layer_norm_eps),
+        )
+
+    def _downsample(self, neck_out: torch.Tensor) -> torch.Tensor:
+        size = self.output_grid * 2 ** len(self.downsamples)
+        return self.downsamples(_resize_fp32(neck_out, size, antialias=False))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.patch_embed(pixel_values) + self.pos_embed
+        hd_hidden = None
+        for index, block in enumerate(self.blocks):
+            hidden = self._run_block(block, hidden)
+            if index == self.config.hd_block_index:
+                hd_hidden = hidden
+        features = self._downsample(self.neck(hidden.permute(0, 3, 1, 2)))
+        if hd_hidden is not None:
+            hd_features = self._downsample(self.neck_hd(hd_hidden.permute(0, 3, 1, 2)))
+            features = features + hd_features * self.hd_alpha_downsamples
+        return features.flatten(2).transpose(1, 2)
+
+
+class DeepseekVLVisionEncoder(nn.Module):
+    """The vision tower: SigLIP alone, or SAM-B (high resolution) + SigLIP (low resolution) on one image.
+
+    Takes `[N, 3, S, S]` pixels in [0, 1] and normalises each branch with its own mean/std. Returns the SigLIP
+    tokens `[N, T, C_low]` and, for the hybrid tower, the SAM tokens `[N, T, C_high]` (else `None`).
+    """
+
+    def __init__(self, config: DeepseekVLHFConfig):
+        super().__init__()
+        self.config = config
+        self.siglip = DeepseekVLSiglipEncoder(config.siglip_config)
+        self.sam = (
+            DeepseekVLSamEncoder(config.sam_config, config.siglip_config.grid_size) if config.is_hybrid else None
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        siglip_cfg = self.config.siglip_config
+        low_input = pixel_values
+        if pixel_values.shape[-1] != siglip_cfg.image_size:
+            low_input = _resize_fp32(pixel_values, siglip_cfg.image_size, antialias=True)
+        low = self.siglip(_normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std))
+        high = None
+        if self.sam is not None:
+            sam_cfg = self.config.sam_config
+            high = self.sam(_normalize(pixel_values, sam_cfg.image_mean, sam_cfg.image_std))
+        return low, high
+
+
+class DeepseekVLAligner(nn.Module):
+    """The VL adapter: vision tokens -> LLM embeddings `[N, T, hidden]`.
+
+    `hybrid_split_mlp`: `high_up_proj` (SAM) and `low_up_proj` (SigLIP) to hidden/2 each, concatenated [high, low],
+    then (depth-1) x [GELU, Linear]. `mlp`: Linear(SigLIP width, hidden) then (depth-1) x [GELU, Linear].
+    """
+
+    def __init__(self, config: DeepseekVLHFConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.aligner_type = config.aligner_type
+        layers: list[nn.Module] = []
+        if config.aligner_type == "hybrid_split_mlp":
+            self.high_up_proj = nn.Linear(config.sam_config.output_channels, hidden // 2)
+            self.low_up_proj = nn.Linear(config.siglip_config.hidden_size, hidden - hidden // 2)
+        else:
+            layers.append(nn.Linear(config.siglip_config.hidden_size, hidden))
+        for _ in range(config.aligner_depth - 1):
+            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
+        if self.aligner_type == "hybrid_split_mlp":
+            if high is None:
+                raise ValueError("the hybrid_split_mlp adapter needs the SAM branch's tokens")
+            low = torch.cat([self.high_up_proj(high), self.low_up_proj(low)], dim=-1)
+        return self.layers(low)
+
+
+@dataclass
+class DeepseekVLHFCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_hidden_states`: the adapter outputs `[num_images, T, hidden]`."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class DeepseekVLHFPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekVLHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "DeepseekVLSiglipBlock", "DeepseekVLSamBlock"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, (DeepseekVLSiglipEncoder, DeepseekVLSamEncoder)):
+            init.trunc_normal_(module.pos_embed, std=std)
+        if isinstance(module, DeepseekVLSamEncoder) and module.hd_alpha_downsamples is not None:
+            init.zeros_(module.hd_alpha_downsamples)
+        if isinstance(module, DeepseekVLSamBlock):
+            init.zeros_(module.attn.rel_pos_h)
+            init.zeros_(module.attn.rel_pos_w)
+
+
+class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
+    """Vision encoder + adapter + `LlamaModel`, without the LM head."""
+
+    def __init__(self, config: DeepseekVLHFConfig):
+        super().__init__(config)
+        self.vision_model = DeepseekVLVisionEncoder(config)
+        self.aligner = DeepseekVLAligner(config)
+        self.language_model = LlamaModel._from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[N, 3, S, S]` pixels in [0, 1] -> adapter outputs `[N, num_image_tokens, hidden]`."""
+        expected = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (expected, expected):
+            raise ValueError(
+                f"pixel_values must have shape [num_images, 3, {expected}, {expected}], got {tuple(pixel_values.shape)}; "
+                "prepare images with this model's image processor"
+            )
+        low, high = self.vision_model(pixel_values.to(self.vision_model.siglip.pos_embed.dtype))
+        return self.aligner(low, high)
+
+    def _merge_image_features(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write each image's adapter outputs over its image tokens, in text order."""
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values need input_ids to locate the image tokens; pass input_ids")
+            return inputs_embeds, None
+        image_mask = input_ids == self.config.image_token_id
+        n_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(
+                    f"input_ids contain {n_tokens} image tokens (id {self.config.image_token_id}) but no pixel_values "
+                    "were given; pass the images the processor prepared"
+                )
+            return inputs_embeds, None
+        per_image = self.config.num_image_tokens
+        n_images = pixel_values.shape[0]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"input_ids contain {n_tokens} image tokens but {n_images} image(s) were given, which need "
+                f"{n_images} x {per_image} = {n_images * per_image}; every <image_placeholder> in the prompt must "
+                "match one image, expanded by the processor"
+            )
+        image_features = self.get_image_features(pixel_values)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features.reshape(-1, inputs_embeds.shape[-1])), image_features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
+        """Returns the LLM's `BaseModelOutputWithPast` and the image features (or `None`)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        kwargs.pop("return_dict", None)  # always a ModelOutput (which also indexes like a tuple)
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            return_dict=True,
+            **{_LLM_CACHE_ARG: cache},
+            **kwargs,
+        )
+        return outputs, image_features
+
+
+class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
+    """DeepSeek-VL: images and text in, next-token logits out; `generate` works like any causal LM.
+
+    Example:
+    ```python
+    >>> model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    >>> inputs = processor(text="<image_placeholder>Describe the image.", images=[image], return_tensors="pt")
+    >>> out = model.generate(**inputs, max_new_tokens=32)
+    ```
+    """
+
+    _tied_weights_keys = []
+
+    def __init__(self, config: DeepseekVLHFConfig):
+        super().__init__(config)
+        self.model = DeepseekVLHFModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[N, 3, S, S]` pixels in [0, 1] -> adapter outputs `[N, num_image_tokens, hidden]`."""
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
+        **kwargs,
+    ) -> DeepseekVLHFCausalLMOutput:
+        r"""
+        Args:
+            input_ids (`[B, L]`): token ids; each image is `num_image_tokens` consecutive `image_token_id`s.
+            pixel_values (`[N, 3, S, S]`): the images in [0, 1], in the order their tokens appear (row by row).
+            labels (`[B, L]`): next-token targets (shifted inside), -100 where ignored.
+            logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all).
+
+        Returns: `DeepseekVLHFCausalLMOutput` with `logits [B, L, vocab]`, the loss when labels are given, the
+        cache, and `image_hidden_states [N, T, hidden]`.
+        """
+        outputs, image_features = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return DeepseekVLHFCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD, None)},
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, inputs_embeds=None, **kwargs):
+        """Pixel values go to the model on the prefill step only; later steps read the image from the cache."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if "is_first_iteration" in kwargs:
+            prefill = bool(kwargs["is_first_iteration"])
+        else:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            prefill = cache is None or cache.get_seq_length() == 0
+        if prefill or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+        else:
+            model_inputs.pop("pixel_values", None)
+        return model_inputs
+
+
+DeepseekVLHFModel.register_for_auto_class("AutoModel")
+DeepseekVLHFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "DeepseekVLAligner",
+    "DeepseekVLHFForCausalLM",
+    "DeepseekVLHFModel",
+    "DeepseekVLHFPreTrainedModel",
+    "DeepseekVLSamEncoder",
+    "DeepseekVLSiglipEncoder",
+    "DeepseekVLVisionEncoder",
+]

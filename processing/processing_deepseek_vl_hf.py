@@ -1,0 +1,255 @@
+"""DeepSeek-VL processor: tokenizer + image processor, image-placeholder expansion and the chat format.
+
+Hub remote code: imports only transformers, torch and the image processor beside it; works on transformers
+4.57.x and 5.x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import transformers
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_deepseek_vl_hf import DeepseekVLHFImageProcessor, load_image  # noqa: F401
+
+IMAGE_TOKEN = "<image_placeholder>"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+# The "deepseek" conversation format: "{system}\n\n" (omitted when empty), "User: {text}\n\n",
+# "Assistant: {text}<｜end▁of▁sentence｜>", a generation prompt ends with "Assistant:". The first message may be
+# a system message (else the default system prompt is used); images sit in user turns where the content list
+# places them. Consecutive text parts are joined by one space; each turn's text is stripped.
+CHAT_TEMPLATE = (
+    "{%- macro render(content, role, index) -%}"
+    "{%- if content is string -%}{%- set ns = namespace(out=content) -%}"
+    "{%- else -%}{%- set ns = namespace(out='', prev='') -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}"
+    "{%- if role != 'user' -%}{{ raise_exception('message ' ~ index ~ ' (' ~ role ~ ') holds an image: images go"
+    " in user messages only') }}{%- endif -%}"
+    "{%- set ns.out = ns.out + '<image_placeholder>' -%}{%- set ns.prev = 'image' -%}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{%- if ns.prev == 'text' -%}{%- set ns.out = ns.out + ' ' -%}{%- endif -%}"
+    "{%- set ns.out = ns.out + part['text'] -%}{%- set ns.prev = 'text' -%}"
+    "{%- else -%}{{ raise_exception('message ' ~ index ~ ' has a content part of unsupported type ' ~ part['type']"
+    " ~ ': use text or image') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if role != 'user' and '<image_placeholder>' in ns.out -%}{{ raise_exception('message ' ~ index ~ ' (' ~"
+    " role ~ ') contains <image_placeholder>: images go in user messages only') }}{%- endif -%}"
+    "{{- ns.out | trim -}}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = render(messages[0]['content'], 'system', 0) -%}{%- set first = 1 -%}"
+    "{%- else -%}"
+    "{%- set system_text = '" + DEFAULT_SYSTEM_PROMPT + "' -%}{%- set first = 0 -%}"
+    "{%- endif -%}"
+    "{%- if system_text -%}{{ system_text }}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- for message in messages[first:] -%}"
+    "{%- set index = loop.index0 + first -%}"
+    "{%- if message['role'] == 'user' -%}{%- set label = 'User' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set label = 'Assistant' -%}"
+    "{%- elif message['role'] == 'system' -%}{{ raise_exception('message ' ~ index ~ ' is a system message: only"
+    " the first message may be one') }}"
+    "{%- else -%}{{ raise_exception('message ' ~ index ~ ' has unknown role ' ~ message['role'] ~ ': use system,"
+    " user or assistant') }}"
+    "{%- endif -%}"
+    "{%- set text = render(message['content'], message['role'], index) -%}"
+    "{%- if text -%}{{ label }}: {{ text }}{%- else -%}{{ label }}:{%- endif -%}"
+    "{%- if text and message['role'] == 'assistant' -%}{{ '<｜end▁of▁sentence｜>' }}"
+    "{%- elif text and (not loop.last or add_generation_prompt) -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+
+class ProcessorInputError(ValueError):
+    """Text and images that do not fit together (placeholder count, nesting, length)."""
+
+
+class DeepseekVLHFProcessor(ProcessorMixin):
+    r"""Prepares DeepSeek-VL inputs: `input_ids`, `attention_mask` and `pixel_values`.
+
+    Each `<image_placeholder>` in the text stands for one image, in order, and is expanded into
+    `num_image_tokens` image tokens. Sequences start with BOS and are padded on the left (for batched
+    generation) with the pad token, or EOS when the tokenizer has none, as DeepSeek-VL does.
+
+    Args:
+        image_processor ([`DeepseekVLHFImageProcessor`]): makes `pixel_values` [N, 3, S, S] in [0, 1].
+        tokenizer: a fast tokenizer that knows `<image_placeholder>`.
+        chat_template (`str`, *optional*): Jinja chat template; DeepSeek-VL's "deepseek" format by default.
+        num_image_tokens (`int`): image tokens per image (576 for the released models).
+        image_token (`str`): the placeholder string.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    if int(transformers.__version__.split(".")[0]) < 5:  # 5.x finds the sub-processors from __init__'s signature
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_image_tokens: int = 576,
+        image_token: str = IMAGE_TOKEN,
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ProcessorInputError(f"the tokenizer does not know the image token {self.image_token!r}")
+        return token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The pad id, falling back to EOS (DeepSeek-LLM's tokenizer has no pad token)."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def _split_images(self, texts: list[str], images) -> list[list]:
+        """Per-text image lists: `images` is flat (in text order) or nested one list per text."""
+        counts = [text.count(self.image_token) for text in texts]
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = len(images) > 0 and all(isinstance(item, (list, tuple)) for item in images)
+        if nested:
+            if len(images) != len(texts):
+                raise ProcessorInputError(
+                    f"images is nested per text but has {len(images)} lists for {len(texts)} texts; give one list "
+                    "per text or a flat list in text order"
+                )
+            per_text = [list(item) for item in images]
+        else:
+            if sum(counts) != len(images):
+                raise ProcessorInputError(
+                    f"the text has {sum(counts)} {self.image_token} placeholder(s) (per text: {counts}) but "
+                    f"{len(images)} image(s) were given; put exactly one {self.image_token} where each image belongs"
+                )
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            per_text = [list(images[s : s + c]) for s, c in zip(starts, counts)]
+        for index, (count, text_images) in enumerate(zip(counts, per_text)):
+            if count != len(text_images):
+                raise ProcessorInputError(
+                    f"text {index} has {count} {self.image_token} placeholder(s) but {len(text_images)} image(s) "
+                    "were given for it; put exactly one placeholder where each image belongs"
+                )
+        return per_text
+
+    def _encode(self, text: str, max_length: int | None) -> tuple[list[int], int]:
+        """Token ids with BOS and each placeholder expanded; returns (ids, number of images kept)."""
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos):
+            text = text[len(bos) :]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        image_id = self.image_token_id
+        out = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        kept = 0
+        for token in ids:
+            piece = [image_id] * self.num_image_tokens if token == image_id else [token]
+            if max_length is not None and len(out) + len(piece) > max_length:
+                break  # truncate before a piece that does not fit whole: never through an image's tokens
+            out += piece
+            kept += token == image_id
+        return out, kept
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenise `text` (a string or a batch), expand placeholders and preprocess `images`.
+
+        Over-long sequences raise an error unless `truncation=True` and `max_length` are given; truncation cuts
+        before any image whose tokens would not fit whole and drops that image and the ones after it.
+        """
+        if text is None:
+            raise ProcessorInputError("text is required: DeepSeek-VL images are placed by <image_placeholder> in the text")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ProcessorInputError("text must be a string or a non-empty list of strings")
+        per_text_images = self._split_images(texts, images)
+        limit = max_length if truncation else None
+        sequences, kept_images = [], []
+        for index, (item, text_images) in enumerate(zip(texts, per_text_images)):
+            ids, kept = self._encode(item, limit)
+            if max_length is not None and not truncation and len(ids) > max_length:
+                raise ProcessorInputError(
+                    f"text {index} is {len(ids)} tokens long (images expanded), over max_length={max_length}; "
+                    "shorten it or pass truncation=True (which never cuts through an image)"
+                )
+            sequences.append(ids)
+            kept_images += text_images[:kept]
+        data = self._pad(sequences, padding, padding_side)
+        if kept_images:
+            data["pixel_values"] = self.image_processor(kept_images, return_tensors="pt", **kwargs)["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pad(self, sequences: list[list[int]], padding: bool | str, side: str) -> dict:
+        if side not in ("left", "right"):
+            raise ProcessorInputError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if (not padding or padding == "do_not_pad") and len({len(s) for s in sequences}) > 1:
+            raise ProcessorInputError("texts of different lengths need padding=True to form one batch")
+        width = max(len(s) for s in sequences)
+        input_ids, attention_mask = [], []
+        for seq in sequences:
+            pad = [self.pad_token_id] * (width - len(seq))
+            mask = [1] * len(seq)
+            zeros = [0] * len(pad)
+            input_ids.append(pad + seq if side == "left" else seq + pad)
+            attention_mask.append(zeros + mask if side == "left" else mask + zeros)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, then write the tokenizer config in the form both transformers 4.x and 5.x read."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "tokenizer_config.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                tokenizer_config = json.load(f)
+            if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":  # a 5.x-only class name
+                tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            extra = tokenizer_config.get("extra_special_tokens")
+            if isinstance(extra, list):  # 5.x writes a list; 4.x reads it as `additional_special_tokens`
+                tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        return result
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        """Decode a batch of token ids (forwards to the tokenizer)."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        """Decode token ids (forwards to the tokenizer)."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+DeepseekVLHFProcessor.register_for_auto_class()
+
+__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "DeepseekVLHFProcessor", "ProcessorInputError"]

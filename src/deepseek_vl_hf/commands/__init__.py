@@ -1,0 +1,1 @@
+"""Subcommands of the `deepseek-vl-hf` CLI, one module each."""
