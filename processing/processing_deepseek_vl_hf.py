@@ -13,6 +13,7 @@ import transformers
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .image_processing_deepseek_vl_hf import SETTING_NAMES as IMAGE_SETTING_NAMES
 from .image_processing_deepseek_vl_hf import DeepseekVLHFImageProcessor, load_image  # noqa: F401
 
 IMAGE_TOKEN = "<image_placeholder>"
@@ -67,6 +68,11 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
+
+
+# Text kwargs that transformers' apply_chat_template may pass and that change nothing here: BOS is always
+# added once by the processor, and masks are always returned.
+_IGNORED_TEXT_KWARGS = ("add_special_tokens", "return_attention_mask", "return_dict")
 
 
 class ProcessorInputError(ValueError):
@@ -181,6 +187,8 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         truncation: bool = False,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text` (a string or a batch), expand placeholders and preprocess `images`.
@@ -188,6 +196,12 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         Over-long sequences raise an error unless `truncation=True` and `max_length` are given; truncation cuts
         before any image whose tokens would not fit whole and drops that image and the ones after it.
         """
+        if videos is not None or audio is not None:
+            raise ProcessorInputError("DeepSeek-VL takes text and images only, not videos or audio")
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_SETTING_NAMES}
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_TEXT_KWARGS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown} for DeepseekVLHFProcessor")
         if text is None:
             raise ProcessorInputError("text is required: DeepSeek-VL images are placed by <image_placeholder> in the text")
         texts = [text] if isinstance(text, str) else list(text)
@@ -207,7 +221,7 @@ class DeepseekVLHFProcessor(ProcessorMixin):
             kept_images += text_images[:kept]
         data = self._pad(sequences, padding, padding_side)
         if kept_images:
-            data["pixel_values"] = self.image_processor(kept_images, return_tensors="pt", **kwargs)["pixel_values"]
+            data["pixel_values"] = self.image_processor(kept_images, return_tensors="pt", **image_kwargs)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _pad(self, sequences: list[list[int]], padding: bool | str, side: str) -> dict:

@@ -147,3 +147,20 @@ def test_empty_text_gives_bos_only(tiny_pair):
     out = processor(text="")
     assert out["input_ids"].tolist() == [[processor.tokenizer.bos_token_id]]
     assert "pixel_values" not in out
+
+
+def test_apply_chat_template_tokenizes_with_embedded_images(tiny_pair, images):
+    """transformers' tokenize=True path: images inside the content parts reach the image processor."""
+    _, processor = tiny_pair
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "What?"}]}]
+    out = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    direct = processor(text=prompt, images=[images[0]])
+    assert torch.equal(out["input_ids"], direct["input_ids"])
+    assert torch.equal(out["pixel_values"], direct["pixel_values"])
+    with pytest.raises(ProcessorInputError, match="not videos or audio"):
+        processor(text="hi", videos=[object()])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['colour'\]"):
+        processor(text="hi", colour="red")
