@@ -60,7 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set `tree["a"]["b"] = value` for `dotted_key` "a.b", creating missing levels."""
     *parents, leaf = dotted_key.split(".")
     node = tree
     for key in parents:
@@ -77,5 +78,5 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None, **config_k
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
     for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return DeepseekVLHFConfig(**tree, **config_kwargs)

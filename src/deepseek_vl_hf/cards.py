@@ -1,0 +1,225 @@
+"""Hub model cards (README.md) for checkpoint folders, rendered from `model_cards/README.template.md`.
+
+The card has YAML front matter (license, `library_name`, `pipeline_tag`, `base_model` when known, tags), a usage
+snippet with the Auto classes that runs as written against the folder, the architecture summary read from the
+config and the weight headers, and the training sections when the folder holds a `training_metadata.json`.
+
+`training_metadata.json` schema (written by the training code; every key but `recipe` is optional, unknown keys
+are refused so that a typo does not silently vanish from the card):
+
+```
+{
+  "recipe": "tiny-3stage",                    # recipe name
+  "base_model": "deepseek-ai/deepseek-vl-1.3b-base",  # Hub id the training started from
+  "stages": [                                 # in training order
+    {"name": "stage1", "trainable": ["aligner"], "steps": 500, "learning_rate": 1e-3, "batch_size": 8,
+     "data_mix": {"captions": 0.5, "ocr": 0.5}, "metrics": {"loss": 2.31}}   # every key but name optional
+  ],
+  "data_mix": {"language": 0.7, "multimodal": 0.3},   # source -> share, overall
+  "hyperparameters": {"optimizer": "adamw", "weight_decay": 0.0},
+  "final_metrics": {"eval_loss": 1.9, "vqa_accuracy": 0.41}
+}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from deepseek_vl_hf.conversion.shards import CheckpointReader
+from deepseek_vl_hf.modeling.configuration_deepseek_vl_hf import DeepseekVLHFConfig
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "README.template.md"
+TRAINING_METADATA = "training_metadata.json"
+TAGS = ["deepseek-vl", "deepseek-vl-hf", "vision-language", "multimodal", "custom_code"]
+DEEPSEEK_MODEL_LICENSE = "https://github.com/deepseek-ai/DeepSeek-VL/blob/main/LICENSE-MODEL"
+_METADATA_KEYS = {"recipe": str, "base_model": str, "stages": list, "data_mix": dict, "hyperparameters": dict,
+                  "final_metrics": dict}
+_STAGE_KEYS = {"name": str, "trainable": list, "steps": int, "learning_rate": (int, float), "batch_size": int,
+               "data_mix": dict, "metrics": dict}
+_COMPONENTS = (
+    ("model.vision_model.sam.", "vision, high resolution"),
+    ("model.vision_model.siglip.", "vision, low resolution"),
+    ("model.aligner.", "adapter"),
+    ("model.language_model.", "language model"),
+    ("lm_head.", "language model"),
+)
+
+SNIPPET = """\
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+path = "{model_id}"
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto").eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+image = Image.new("RGB", (640, 480), "white")
+ImageDraw.Draw(image).ellipse((200, 120, 440, 360), fill="red")
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+inputs = processor(text=prompt, images=[image], return_tensors="pt").to(model.device)
+with torch.inference_mode():
+    output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])"""
+
+
+class TrainingMetadataError(ValueError):
+    """A `training_metadata.json` that does not follow the schema in this module's docstring."""
+
+
+def _check_fields(data: Any, schema: dict[str, Any], where: str) -> None:
+    if not isinstance(data, dict):
+        raise TrainingMetadataError(f"{where} must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise TrainingMetadataError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(schema)}")
+    for key, kind in schema.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TrainingMetadataError(f"{where}: {key!r} has the wrong type {type(value).__name__}")
+
+
+def load_training_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's `training_metadata.json`, checked against the schema; `None` when there is none."""
+    path = Path(folder) / TRAINING_METADATA
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    _check_fields(data, _METADATA_KEYS, TRAINING_METADATA)
+    if not isinstance(data.get("recipe"), str):
+        raise TrainingMetadataError(f"{TRAINING_METADATA} needs a 'recipe' name")
+    for index, stage in enumerate(data.get("stages") or []):
+        _check_fields(stage, _STAGE_KEYS, f"{TRAINING_METADATA} stages[{index}]")
+        if not isinstance(stage.get("name"), str):
+            raise TrainingMetadataError(f"{TRAINING_METADATA} stages[{index}] needs a 'name'")
+    return data
+
+
+def format_count(count: int) -> str:
+    """1_234_567 -> '1.23 M', 7_343_990_017 -> '7.34 B'."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
+
+
+def _pairs(mapping: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in (mapping or {}).items()) or "-"
+
+
+def parameter_counts(folder: str | os.PathLike) -> dict[str, int]:
+    """Parameters per component (and 'total'), from the weight files' headers (no tensor is loaded)."""
+    counts = dict.fromkeys([label for _, label in _COMPONENTS] + ["total"], 0)
+    for spec in CheckpointReader(folder).specs():
+        numel = 1
+        for size in spec.shape:
+            numel *= size
+        label = next((lab for prefix, lab in _COMPONENTS if spec.name.startswith(prefix)), None)
+        if label is not None:
+            counts[label] += numel
+        counts["total"] += numel
+    return counts
+
+
+def _architecture(config: DeepseekVLHFConfig, counts: dict[str, int]) -> list[dict[str, str]]:
+    rows = []
+    if config.is_hybrid:
+        sam = config.sam_config
+        rows.append({"component": "vision, high resolution", "parameters": format_count(counts["vision, high resolution"]),
+                     "details": f"SAM-B-style ViT on {sam.image_size}px: width {sam.hidden_size}, {sam.num_hidden_layers} "
+                                f"blocks, {sam.num_attention_heads} heads, global attention in blocks "
+                                f"{sam.global_attn_indexes}, neck {sam.neck_channels} -> convs {sam.downsample_channels}"})
+    siglip = config.siglip_config
+    rows.append({"component": "vision, low resolution", "parameters": format_count(counts["vision, low resolution"]),
+                 "details": f"SigLIP ViT on {siglip.image_size}px, patch {siglip.patch_size}: width {siglip.hidden_size}, "
+                            f"{siglip.num_kept_layers} blocks, {siglip.num_attention_heads} heads"})
+    rows.append({"component": "adapter", "parameters": format_count(counts["adapter"]),
+                 "details": f"{config.aligner_type} (depth {config.aligner_depth}), {config.num_image_tokens} "
+                            "image tokens per image"})
+    text = config.text_config
+    rows.append({"component": "language model", "parameters": format_count(counts["language model"]),
+                 "details": f"Llama: hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
+                            f"{text.num_attention_heads} heads ({text.num_key_value_heads} KV), vocabulary "
+                            f"{text.vocab_size}"})
+    rows.append({"component": "**total**", "details": "", "parameters": f"**{format_count(counts['total'])}**"})
+    return rows
+
+
+def _training(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    stages = [
+        {"name": s["name"], "trainable": ", ".join(s.get("trainable") or []) or "-",
+         "steps": s.get("steps", "-"), "learning_rate": s.get("learning_rate", "-"),
+         "batch_size": s.get("batch_size", "-"), "data_mix": _pairs(s.get("data_mix")), "metrics": _pairs(s.get("metrics"))}
+        for s in metadata.get("stages") or []
+    ]
+    return {
+        "recipe": metadata["recipe"], "base_model": metadata.get("base_model"), "stages": stages,
+        **{key: list((metadata.get(key) or {}).items()) for key in ("data_mix", "hyperparameters", "final_metrics")},
+    }
+
+
+def render_card(
+    folder: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    model_id: str | None = None,
+    license_id: str | None = None,
+    template: str | os.PathLike = TEMPLATE,
+) -> str:
+    """The README text for the checkpoint in `folder`.
+
+    `model_id` is the path or Hub id the snippet loads (default: the folder's name); `base_model` the Hub id of the
+    weights it comes from (default: the training metadata's); `license_id` defaults to DeepSeek's model license for
+    `deepseek-ai/...` base models, else MIT.
+    """
+    folder = Path(folder)
+    config = DeepseekVLHFConfig.from_pretrained(folder)
+    preprocessor = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
+    metadata = load_training_metadata(folder)
+    base_model = base_model or (metadata or {}).get("base_model")
+    if license_id is None:
+        license_id = "other" if base_model and base_model.startswith("deepseek-ai/") else "mit"
+    front: dict[str, Any] = {"license": license_id}
+    if license_id == "other":
+        front.update(license_name="deepseek", license_link=DEEPSEEK_MODEL_LICENSE)
+    front.update(library_name="transformers", pipeline_tag="image-text-to-text")
+    if base_model:
+        front["base_model"] = base_model
+    front["tags"] = TAGS
+    variant = "hybrid SAM-B + SigLIP vision encoder" if config.is_hybrid else "SigLIP-only vision encoder"
+    background = preprocessor.get("background_color") or [int(m * 255) for m in preprocessor.get("image_mean", [])]
+    context = {
+        "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
+        "title": model_id or folder.name,
+        "summary": f"A DeepSeek-VL vision-language model ({variant}, {config.num_image_tokens} image tokens per image, "
+                   f"Llama language model) that answers questions about images in a chat.",
+        "provenance": f"Weights derived from [`{base_model}`](https://huggingface.co/{base_model})." if base_model else "",
+        "snippet": SNIPPET.format(model_id=model_id or folder.name),
+        "image_tokens": config.num_image_tokens,
+        "architecture": _architecture(config, parameter_counts(folder)),
+        "image_size": config.image_size,
+        "background": tuple(background),
+        "dtype": str(getattr(config, "dtype", None) or "float32").replace("torch.", ""),
+        "training": _training(metadata),
+        "license_text": (f"The weights are under the [DeepSeek model license]({DEEPSEEK_MODEL_LICENSE}); the code "
+                         "files are MIT." if license_id == "other" else f"`{license_id}` (weights and code)."),
+    }
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    return re.sub(r"\n{3,}", "\n\n", env.from_string(Path(template).read_text()).render(**context))
+
+
+def write_card(folder: str | os.PathLike, output: str | os.PathLike | None = None, **kwargs: Any) -> Path:
+    """Render the card for `folder` and write it (default `folder/README.md`); kwargs as for `render_card`."""
+    path = Path(output) if output is not None else Path(folder) / "README.md"
+    path.write_text(render_card(folder, **kwargs))
+    return path
