@@ -24,6 +24,7 @@ are refused so that a typo does not silently vanish from the card):
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import yaml
 from deepseek_vl_hf.conversion.shards import CheckpointReader
 from deepseek_vl_hf.modeling.configuration_deepseek_vl_hf import DeepseekVLHFConfig
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "README.template.md"
+TEMPLATE = Path(str(importlib.resources.files("deepseek_vl_hf.model_cards") / "README.template.md"))
 TRAINING_METADATA = "training_metadata.json"
 TAGS = ["deepseek-vl", "deepseek-vl-hf", "vision-language", "multimodal", "custom_code"]
 DEEPSEEK_MODEL_LICENSE = "https://github.com/deepseek-ai/DeepSeek-VL/blob/main/LICENSE-MODEL"

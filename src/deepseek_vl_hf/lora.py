@@ -10,6 +10,7 @@ saved adapter loads with plain `PeftModel.from_pretrained`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import importlib.util
 import os
 import re
@@ -49,7 +50,7 @@ QLORA_SKIP_MODULES = ["lm_head", "model.vision_model", "model.aligner"]
 GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 _SPEED_METRICS = ("_runtime", "_per_second", "total_flos")  # Trainer metrics the card leaves out
-_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "adapter.template.md"
+_CARD_TEMPLATE = Path(str(importlib.resources.files("deepseek_vl_hf.model_cards") / "adapter.template.md"))
 
 
 class QLoRAUnavailableError(RuntimeError):
