@@ -37,6 +37,7 @@ def build_random_model(
     tokenizer = build_tokenizer(vocab_size=min(config.text_config.vocab_size, 32000), corpus=tokenizer_corpus or ())
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than text_config.vocab_size")
+    tokenizer.model_max_length = config.text_config.max_position_embeddings  # the processor's default limit
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for cfg in (config, config.text_config):
         cfg.bos_token_id = tokenizer.bos_token_id
@@ -56,10 +57,14 @@ def save_checkpoint(
     output: str | os.PathLike,
     overwrite: bool = False,
     max_shard_size: str = "5GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save model (safetensors) and processor into `output` atomically; the folder carries its remote code."""
+    """Save model (safetensors) and processor into `output` atomically; the folder carries its remote code.
+
+    `state_dict` replaces the model's own tensors (training passes the full weights gathered from FSDP shards).
+    """
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(tmp)
     return Path(output)
