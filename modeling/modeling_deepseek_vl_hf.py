@@ -7,7 +7,11 @@ so the attention implementations of the LLM (eager / sdpa / flash_attention_2) c
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
+import os
+import struct
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -16,9 +20,10 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.vision_transformer import Block as TimmViTBlock
 from timm.models.vision_transformer_sam import Block as TimmSamBlock
+from timm.models.vision_transformer_sam import get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, LlamaModel, PreTrainedModel
+from transformers import GenerationMixin, LlamaModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_deepseek_vl_hf import DeepseekVLHFConfig, DeepseekVLSamConfig, DeepseekVLSiglipConfig
@@ -46,6 +51,93 @@ def _resize_fp32(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file, the key(s) and the fix."""
+
+
+_REDOWNLOAD = "re-download or re-convert the checkpoint"
+_CHECK_CONFIG = "check that config.json belongs to these weights, or re-convert the checkpoint"
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    """`a, b, c` or `a, b, c, ... (12 in all)`: enough keys to find the problem, without flooding."""
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors file's header (8-byte little-endian length + JSON), data unread.
+
+    Raises `CheckpointError` when the file is shorter than its header says (truncated) or the header is not
+    valid safetensors JSON (corrupt).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            raise CheckpointError(
+                f"{path}: the file is truncated or corrupt ({size} bytes, too short for the safetensors header "
+                f"length it starts with); {_REDOWNLOAD}"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(int(n) for n in v["shape"]) for k, v in entries.items()}
+        ends = {k: int(v["data_offsets"][1]) for k, v in entries.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: the safetensors header is corrupt ({type(err).__name__}: {err}); {_REDOWNLOAD}"
+        ) from err
+    data_size = size - 8 - header_len
+    cut = [key for key, end in ends.items() if end > data_size]
+    if cut:
+        raise CheckpointError(
+            f"{path}: the file is truncated ({size} bytes, its header needs {8 + header_len + max(ends.values())}); "
+            f"tensors cut off: {_listed(cut)}; {_REDOWNLOAD}"
+        )
+    return shapes
+
+
+def _checkpoint_tensors(folder: str) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """{key: (shape, file)} of a local safetensors checkpoint (single file or index + shards); None if neither."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index_path):
+        single = os.path.join(folder, "model.safetensors")
+        if not os.path.isfile(single):
+            return None
+        return {key: (shape, single) for key, shape in _safetensors_shapes(single).items()}
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{index_path}: the index is corrupt ({type(err).__name__}: {err}); {_REDOWNLOAD}") from err
+    missing = sorted(shard for shard in shards if not os.path.isfile(os.path.join(folder, shard)))
+    if missing:
+        keys = [key for shard in missing for key in shards[shard]]
+        raise CheckpointError(
+            f"{folder}: shard(s) {', '.join(missing)} named in model.safetensors.index.json are missing (they hold "
+            f"{_listed(keys)}); the download or conversion is incomplete: {_REDOWNLOAD}"
+        )
+    tensors = {}
+    for shard, keys in shards.items():
+        path = os.path.join(folder, shard)
+        shapes = _safetensors_shapes(path)
+        absent = [key for key in keys if key not in shapes]
+        if absent:
+            raise CheckpointError(
+                f"{path}: model.safetensors.index.json places {_listed(absent)} in this shard but it does not hold "
+                f"them; the shards and the index do not belong together: {_REDOWNLOAD}"
+            )
+        tensors.update({key: (shapes[key], path) for key in keys})
+    return tensors
+
+
 class _CheckpointedBlocks(nn.Module):
     """Runs `self.blocks` in order, through activation checkpointing when enabled and training."""
 
@@ -62,8 +154,96 @@ class DeepseekVLSiglipBlock(TimmViTBlock):
     """timm ViT block (pre-norm, exact GELU); a named subclass so FSDP auto-wrap can target it."""
 
 
+# Bytes of SAM's relative-position attention bias built at a time. The full bias of a global block is
+# [heads, 4096, 4096] (805 MB in fp32): built whole it is written to freshly mapped pages every block (page faults
+# cost more than the arithmetic) and read back from memory. Built in chunks, one reused buffer stays in cache.
+_SAM_BIAS_CHUNK_BYTES = 8 * 2**20
+
+
+def _chunk_steps(groups: int, heads: int, rows: int, row_bytes: int) -> tuple[int, int, int]:
+    """(groups, heads, query rows) per chunk so that one chunk of the bias holds at most `_SAM_BIAS_CHUNK_BYTES`."""
+    problem = rows * row_bytes  # one group, one head, all query rows
+    if problem > _SAM_BIAS_CHUNK_BYTES:
+        return 1, 1, max(1, _SAM_BIAS_CHUNK_BYTES // row_bytes)
+    head_step = min(heads, _SAM_BIAS_CHUNK_BYTES // problem)
+    group_step = max(1, _SAM_BIAS_CHUNK_BYTES // (problem * heads)) if head_step == heads else 1
+    return min(groups, group_step), head_step, rows
+
+
+def _rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: int
+) -> torch.Tensor:
+    """SAM attention with decomposed relative positions over `grid` x `grid` tokens, `[G, heads, grid^2, dim]`.
+
+    Equals `softmax(q k^T / sqrt(dim) + bias) v` with `bias[i, j] = q_i . R_h[row_i, row_j] + q_i . R_w[col_i,
+    col_j]` (timm's `get_decomposed_rel_pos_bias`), with the bias built and used chunk by chunk.
+    """
+    groups, heads, tokens, dim = q.shape
+    r_q = q.reshape(groups, heads, grid, grid, dim)
+    rel_h = torch.einsum("gnhwc,hkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_h)).contiguous()
+    rel_w = torch.einsum("gnhwc,wkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_w)).contiguous()
+    track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
+    group_step, head_step, row_step = _chunk_steps(groups, heads, grid, grid * tokens * q.element_size())
+    buffer = None if track_grad else q.new_empty(group_step, head_step, row_step, grid, grid, grid)
+    out = q.new_empty(groups, heads, tokens, dim)
+    for g in range(0, groups, group_step):
+        gs = slice(g, g + group_step)
+        for h in range(0, heads, head_step):
+            hs = slice(h, h + head_step)
+            for r in range(0, grid, row_step):
+                rows = slice(r, r + row_step)
+                terms = (rel_h[gs, hs, rows, :, :, None], rel_w[gs, hs, rows, :, None, :])
+                if track_grad:  # autograd needs an out-of-place bias
+                    bias = torch.add(*terms)
+                else:
+                    bias = buffer[: terms[0].shape[0], : terms[0].shape[1], : terms[0].shape[2]]
+                    torch.add(*terms, out=bias)
+                queries = slice(r * grid, (r + row_step) * grid)
+                bias = bias.reshape(bias.shape[0], bias.shape[1], -1, tokens)
+                out[gs, hs, queries] = F.scaled_dot_product_attention(q[gs, hs, queries], k[gs, hs], v[gs, hs], attn_mask=bias)
+    return out
+
+
 class DeepseekVLSamBlock(TimmSamBlock):
-    """timm SAM block (windowed or global attention with decomposed relative positions), for FSDP auto-wrap."""
+    """timm SAM block (windowed or global attention with decomposed relative positions), for FSDP auto-wrap.
+
+    `forward` computes what timm's does, reorganised for speed: the relative-position bias is built in chunks
+    (`_rel_pos_attention`), and windowed blocks project q/k/v and the output on the unpadded tokens only.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        heads = self.attn.num_heads
+        qkv = self.attn.qkv(self.norm1(x))
+        if self.window_size == 0:  # global attention over the (square) token grid
+            q, k, v = qkv.view(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, height)
+            out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        else:
+            out = self._window_attention(qkv, self.window_size)
+        x = x + self.attn.proj(out)
+        return x + self.mlp(self.norm2(x))
+
+    def _window_attention(self, qkv: torch.Tensor, size: int) -> torch.Tensor:
+        """Attention within `size` x `size` windows of the `[B, H, W, 3C]` projections -> `[B, H, W, C]`.
+
+        timm pads the normalised tokens with zeros before projecting; the projection of a zero token is the
+        qkv bias, so padding the projections with that bias gives the same windows.
+        """
+        batch, height, width, channels3 = qkv.shape
+        heads = self.attn.num_heads
+        padded_h, padded_w = -(-height // size) * size, -(-width // size) * size
+        if (padded_h, padded_w) != (height, width):
+            fill = self.attn.qkv.bias if self.attn.qkv.bias is not None else qkv.new_zeros(channels3)
+            padded = fill.to(qkv.dtype).expand(batch, padded_h, padded_w, channels3).clone()
+            padded[:, :height, :width] = qkv
+            qkv = padded
+        rows, cols = padded_h // size, padded_w // size
+        windows = qkv.view(batch, rows, size, cols, size, 3, heads, -1).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = windows.reshape(3, batch * rows * cols, heads, size * size, -1).unbind(0)
+        out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, size)
+        out = out.view(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(batch, padded_h, padded_w, channels3 // 3)[:, :height, :width]
 
 
 class DeepseekVLSiglipEncoder(_CheckpointedBlocks):
@@ -246,6 +426,65 @@ class DeepseekVLHFPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs
+    ) -> DeepseekVLHFPreTrainedModel:
+        """`PreTrainedModel.from_pretrained`, after checking a local folder's safetensors headers against the config.
+
+        Truncated or corrupt files, missing shards, missing or unexpected keys and wrong shapes raise a
+        `CheckpointError` naming the file and key, instead of a bare deserialisation error or random weights.
+        """
+        folder = pretrained_model_name_or_path
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            folder = os.path.normpath(os.path.join(folder, kwargs.get("subfolder", "")))
+            config = kwargs.get("config")
+            if not isinstance(config, PretrainedConfig):
+                config = cls.config_class.from_pretrained(config or folder)
+            cls.check_checkpoint(folder, config, kwargs.get("ignore_mismatched_sizes", False))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def check_checkpoint(
+        cls, folder: str | os.PathLike, config: DeepseekVLHFConfig, ignore_mismatched_sizes: bool = False
+    ) -> None:
+        """Compare a local folder's tensors (safetensors headers only) with the state dict `cls(config)` has.
+
+        Raises `CheckpointError`; the model skeleton is built on the meta device, so nothing is allocated.
+        """
+        found = _checkpoint_tensors(folder)
+        if found is None:
+            return  # no safetensors here: transformers reports what it finds, or misses
+        with torch.device("meta"):
+            skeleton = cls(copy.deepcopy(config))
+        expected = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
+        prefix = cls.base_model_prefix + "."
+        head_model = hasattr(skeleton, cls.base_model_prefix)
+        prefixed = any(key.startswith(prefix) for key in found)
+        if head_model and not prefixed:  # a base-model checkpoint loaded with a head
+            found = {prefix + key: value for key, value in found.items()}
+        elif not head_model and prefixed:  # a full checkpoint loaded as the base model: the head is left out
+            found = {key[len(prefix) :]: value for key, value in found.items() if key.startswith(prefix)}
+        missing = expected.keys() - found.keys()
+        if missing:
+            raise CheckpointError(
+                f"{folder}: the checkpoint lacks {len(missing)} tensor(s) that config.json implies: "
+                f"{_listed(list(missing))}; {_CHECK_CONFIG}"
+            )
+        unexpected = found.keys() - expected.keys()
+        if unexpected:
+            raise CheckpointError(
+                f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) that config.json does not: "
+                f"{_listed(list(unexpected))} (in {found[min(unexpected)][1]}); {_CHECK_CONFIG}"
+            )
+        wrong = [key for key, shape in expected.items() if found[key][0] != shape]
+        if wrong and not ignore_mismatched_sizes:
+            details = "; ".join(
+                f"{key} is {list(found[key][0])} in {found[key][1]}, config.json implies {list(expected[key])}"
+                for key in sorted(wrong)[:3]
+            )
+            raise CheckpointError(f"{len(wrong)} tensor shape(s) do not match: {details}; {_CHECK_CONFIG}")
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -335,6 +574,14 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
             cache = past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        past = 0 if cache is None else cache.get_seq_length()
+        new, limit = inputs_embeds.shape[1], self.config.text_config.max_position_embeddings
+        if past + new > limit:
+            raise ValueError(
+                f"the sequence is {past + new} tokens ({past} cached + {new} new), over the model's context length "
+                f"max_position_embeddings={limit}; shorten the prompt (the processor's max_length/truncation) or "
+                "generate fewer new tokens"
+            )
         inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -453,8 +700,12 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
 
 DeepseekVLHFModel.register_for_auto_class("AutoModel")
 DeepseekVLHFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# transformers' generation loop reads `forward`'s signature at every step for remote-code models: a precomputed
+# signature makes that lookup free (it was ~2% of a decode step with a small LLM).
+DeepseekVLHFForCausalLM.forward.__signature__ = inspect.signature(DeepseekVLHFForCausalLM.forward)
 
 __all__ = [
+    "CheckpointError",
     "DeepseekVLAligner",
     "DeepseekVLHFForCausalLM",
     "DeepseekVLHFModel",

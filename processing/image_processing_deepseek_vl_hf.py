@@ -15,6 +15,7 @@ import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -237,11 +238,8 @@ def _open(
             f"it cannot be read ({type(err).__name__}: {err})",
             "check that the file is a readable, undamaged image",
         ) from err
-    with image:
-        rgb = _finish(image, index, path, background, max_pixels)
-        if rgb is image:  # closing the file invalidates the lazily opened image: keep a detached copy
-            rgb = image.copy()
-    return rgb
+    with image:  # closes the file only: the pixels `_finish` loaded stay usable, no copy needed
+        return _finish(image, index, path, background, max_pixels)
 
 
 def _open_path(
@@ -259,9 +257,8 @@ def _open_path(
         )
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise _error(
-            index, path, "file not found", f"check the path (relative paths are resolved from {os.getcwd()})"
-        )
+        where = "" if os.path.isabs(path) else f" (relative paths are resolved from {os.getcwd()})"
+        raise _error(index, path, "file not found", f"check the path{where}")
     if os.path.isdir(path):
         raise _error(index, path, "it is a directory, not an image file", "pass the path of an image file")
     if not os.path.isfile(path):
@@ -656,7 +653,23 @@ def _paste(
         for band in (plane[:top], plane[bottom:], plane[top:bottom, :left], plane[top:bottom, right:]):
             if band.numel():
                 band.fill_(value * rescale_factor)
-    slot[:, top:bottom, left:right].copy_(image.to(torch.float64).mul_(rescale_factor))
+    region = slot[:, top:bottom, left:right]
+    divisor = _exact_divisor(rescale_factor, torch.get_default_dtype())
+    if divisor is None:
+        region.copy_(image.to(torch.float64).mul_(rescale_factor))
+    else:  # one pass from uint8, same values
+        torch.div(image, divisor, out=region)
+
+
+@lru_cache(maxsize=16)
+def _exact_divisor(rescale_factor: float, default_dtype: torch.dtype) -> float | None:
+    """`1 / rescale_factor` if `uint8 / it` in float32 equals `uint8 -> float64 * rescale_factor -> float32` for
+    all 256 levels (it does for 1/255), else None. `default_dtype` keys the cache: it sets the division's dtype."""
+    levels = torch.arange(256, dtype=torch.uint8)
+    reference = (levels.to(torch.float64) * rescale_factor).to(torch.float32)
+    divided = torch.empty(256, dtype=torch.float32)
+    torch.div(levels, 1 / rescale_factor, out=divided)
+    return 1 / rescale_factor if torch.equal(divided, reference) else None
 
 
 DeepseekVLHFImageProcessor.register_for_auto_class()

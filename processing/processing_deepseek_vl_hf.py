@@ -30,12 +30,16 @@ CHAT_TEMPLATE = (
     "{%- macro render(content, role, index) -%}"
     "{%- if content is string -%}{%- set ns = namespace(out=content) -%}"
     "{%- else -%}{%- set ns = namespace(out='', prev='') -%}"
+    "{%- if content is mapping or (content is not none and content is not iterable) -%}{{ raise_exception('message '"
+    " ~ index ~ ' has content that is neither a string nor a list of parts') }}{%- endif -%}"
     "{%- for part in content -%}"
     "{%- if part['type'] == 'image' -%}"
     "{%- if role != 'user' -%}{{ raise_exception('message ' ~ index ~ ' (' ~ role ~ ') holds an image: images go"
     " in user messages only') }}{%- endif -%}"
     "{%- set ns.out = ns.out + '<image_placeholder>' -%}{%- set ns.prev = 'image' -%}"
     "{%- elif part['type'] == 'text' -%}"
+    "{%- if part['text'] is not string -%}{{ raise_exception('message ' ~ index ~ ' has a text part without a text"
+    " string') }}{%- endif -%}"
     "{%- if ns.prev == 'text' -%}{%- set ns.out = ns.out + ' ' -%}{%- endif -%}"
     "{%- set ns.out = ns.out + part['text'] -%}{%- set ns.prev = 'text' -%}"
     "{%- else -%}{{ raise_exception('message ' ~ index ~ ' has a content part of unsupported type ' ~ part['type']"
@@ -130,6 +134,12 @@ class DeepseekVLHFProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """transformers' chat templating, but an empty conversation is a clear error (not an IndexError)."""
+        if not conversation:
+            raise ProcessorInputError("the conversation is empty: give at least one message")
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
     def _split_images(self, texts: list[str], images) -> list[list]:
         """Per-text image lists: `images` is flat (in text order) or nested one list per text."""
         counts = [text.count(self.image_token) for text in texts]
@@ -161,12 +171,12 @@ class DeepseekVLHFProcessor(ProcessorMixin):
                 )
         return per_text
 
-    def _encode(self, text: str, max_length: int | None) -> tuple[list[int], int]:
+    def encode_text(self, text: str, max_length: int | None = None) -> tuple[list[int], int]:
         """Token ids with BOS and each placeholder expanded; returns (ids, number of images kept)."""
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos):
             text = text[len(bos) :]
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length: checked in __call__
         image_id = self.image_token_id
         out = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         kept = 0
@@ -193,8 +203,9 @@ class DeepseekVLHFProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenise `text` (a string or a batch), expand placeholders and preprocess `images`.
 
-        Over-long sequences raise an error unless `truncation=True` and `max_length` are given; truncation cuts
-        before any image whose tokens would not fit whole and drops that image and the ones after it.
+        The length limit is `max_length`, else the tokenizer's `model_max_length` (when set). Over-long sequences
+        raise an error unless `truncation=True`; truncation cuts before any image whose tokens would not fit
+        whole and drops that image and the ones after it.
         """
         if videos is not None or audio is not None:
             raise ProcessorInputError("DeepSeek-VL takes text and images only, not videos or audio")
@@ -208,14 +219,17 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ProcessorInputError("text must be a string or a non-empty list of strings")
         per_text_images = self._split_images(texts, images)
-        limit = max_length if truncation else None
+        limit_name = "max_length"
+        if max_length is None and self.tokenizer.model_max_length < 1e7:  # transformers' "unset" is 1e30
+            max_length, limit_name = int(self.tokenizer.model_max_length), "the tokenizer's model_max_length"
         sequences, kept_images = [], []
         for index, (item, text_images) in enumerate(zip(texts, per_text_images)):
-            ids, kept = self._encode(item, limit)
+            ids, kept = self.encode_text(item, max_length if truncation else None)
             if max_length is not None and not truncation and len(ids) > max_length:
                 raise ProcessorInputError(
-                    f"text {index} is {len(ids)} tokens long (images expanded), over max_length={max_length}; "
-                    "shorten it or pass truncation=True (which never cuts through an image)"
+                    f"text {index} is {len(ids)} tokens long (images expanded), over {limit_name}={max_length}; "
+                    "shorten it or pass truncation=True (with max_length=N for a shorter limit), which never cuts "
+                    "through an image"
                 )
             sequences.append(ids)
             kept_images += text_images[:kept]
