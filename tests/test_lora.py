@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
@@ -322,15 +321,45 @@ def test_qlora_without_its_requirements_names_what_is_missing(
 
 
 @pytest.mark.parametrize("name", ["lora_sft_tiny", "lora_sft_7b"])
-def test_recipes_parse(name, tmp_path):
-    from deepseek_vl_hf.training.recipe import Recipe, load_recipe
+def test_recipes_parse(name):
+    from deepseek_vl_hf.training.recipe import load_recipe
 
-    tree = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
-    settings = lora.PeftSettings.from_mapping(tree["peft"])
-    assert settings.enabled and settings.preset in lora.PRESETS
-    if "peft" not in Recipe.__dataclass_fields__:  # until the runner reads the section, check the rest alone
-        tree.pop("peft")
-    rest = tmp_path / "recipe.yaml"
-    rest.write_text(yaml.safe_dump(tree))
-    recipe = load_recipe(rest)
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert recipe.stage == 3 and recipe.model.init_from
+    assert recipe.peft.enabled and recipe.peft.preset in lora.PRESETS
+
+
+def test_readme_lora_flow_init_train_merge(tiny_dir, tmp_path, monkeypatch):
+    """The README's LoRA section: `train recipes/lora_sft_tiny.yaml` on a base folder writes an adapter folder
+    (card + metadata) in which only LoRA weights moved; `merge` gives a folder with base + adapter's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from deepseek_vl_hf.cli import main
+    from deepseek_vl_hf.training.recipe import RecipeError, load_recipe
+
+    monkeypatch.chdir(REPO)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    main(["train", "recipes/lora_sft_tiny.yaml", "--set", f"model.init_from={tiny_dir}",
+          "--set", f"train.output_dir={adapter}", "--set", "train.max_steps=4", "--set", "train.save_steps=4",
+          "--set", "train.eval_steps=0"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_metadata.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    metadata = json.loads((adapter / "training_metadata.json").read_text())
+    assert metadata["trainable_groups"] == ["lora"] and metadata["steps"] == 4
+    assert str(tiny_dir) in (adapter / "README.md").read_text()
+    main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter), "--output", str(merged)])
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, trust_remote_code=True, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    moved = [n for n, t in with_adapter.named_parameters() if "lora_B" in n and t.abs().sum() > 0]
+    assert moved, "training left every LoRA B matrix at zero"
+    full = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        diff = (with_adapter(input_ids=ids).logits - full(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+    with pytest.raises(RecipeError, match="peft needs model.init_from"):
+        load_recipe(REPO / "recipes" / "lora_sft_tiny.yaml", {"model.init_from": None, "model.preset": "tiny"})

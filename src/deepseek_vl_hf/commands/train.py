@@ -2,7 +2,7 @@
 
 Several processes: `torchrun --nproc_per_node N -m deepseek_vl_hf.cli train RECIPE` or
 `accelerate launch --config_file recipes/accelerate/fsdp.yaml -m deepseek_vl_hf.cli train RECIPE`.
-Exit codes: 0 done, 1 a recipe/data/NaN error (one line on stderr), 143 stopped by SIGTERM after a checkpoint.
+Exit codes: 0 done, 1 a recipe/data/NaN/QLoRA-unavailable error (one line on stderr), 143 stopped by SIGTERM after a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def _show_package_logs() -> None:
 def run(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
+    from deepseek_vl_hf.lora import QLoRAUnavailableError
     from deepseek_vl_hf.training.callbacks import NonFiniteLossError
     from deepseek_vl_hf.training.recipe import RecipeError, load_recipe
     from deepseek_vl_hf.training.runner import TrainingInterrupted, run_stage
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except (RecipeError, NonFiniteLossError) as exc:
+    except (RecipeError, NonFiniteLossError, QLoRAUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
     finally:

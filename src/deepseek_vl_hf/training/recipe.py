@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from deepseek_vl_hf.lora import PeftSettings
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used as written (unknown key, bad value, missing file)."""
@@ -129,10 +131,13 @@ class Recipe:
     data: DataConfig
     train: TrainConfig
     trainable: dict[str, bool] = field(default_factory=dict)  # group -> trains?, see training.stages
+    peft: PeftSettings = field(default_factory=PeftSettings)  # LoRA / QLoRA instead of `trainable` groups
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise RecipeError(f"stage must be 1, 2 or 3, got {self.stage!r}")
+        if self.peft.enabled and self.model.init_from is None:
+            raise RecipeError("peft needs model.init_from: an adapter belongs to a saved base checkpoint folder")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,7 +188,9 @@ def _build(cls: type, tree: Any, where: str) -> Any:
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a missing required key
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as exc:  # a missing required key, or a value a section refuses (peft)
         raise RecipeError(f"{where or 'recipe'}: {exc}") from None
 
 

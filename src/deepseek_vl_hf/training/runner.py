@@ -47,6 +47,7 @@ from deepseek_vl_hf.data import (
     encode_record,
     open_records,
 )
+from deepseek_vl_hf.lora import PeftSettings, apply_lora, base_loading_kwargs, save_adapter
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
 from deepseek_vl_hf.training.callbacks import LanguageRetentionCallback, NonFiniteLossGuard, SigtermCheckpoint
@@ -148,8 +149,13 @@ def training_arguments(recipe: Recipe, sources: list[Source]) -> TrainingArgumen
     )
 
 
-def load_start(model_cfg: ModelConfig, attn_implementation: str) -> tuple[DeepseekVLHFForCausalLM, Any, dict]:
-    """The model and processor the stage starts from, and where they came from (for the metadata)."""
+def load_start(
+    model_cfg: ModelConfig, attn_implementation: str, peft: PeftSettings
+) -> tuple[DeepseekVLHFForCausalLM, Any, dict]:
+    """The model and processor the stage starts from, and where they came from (for the metadata).
+
+    With `peft.qlora` the base loads with a 4-bit LLM (`base_loading_kwargs`).
+    """
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.preset is not None:
         model, processor = build_random_model(
@@ -163,9 +169,8 @@ def load_start(model_cfg: ModelConfig, attn_implementation: str) -> tuple[Deepse
             f"model.init_from: {folder} is not a checkpoint folder (no config.json); train the previous "
             "stage first or point it at a converted checkpoint"
         )
-    model = DeepseekVLHFForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation={"text_config": attn_implementation}
-    )
+    loading = {"dtype": dtype, "attn_implementation": {"text_config": attn_implementation}}
+    model = DeepseekVLHFForCausalLM.from_pretrained(folder, **{**loading, **base_loading_kwargs(peft)})
     processor = DeepseekVLHFProcessor.from_pretrained(folder, trust_remote_code=True)
     previous = read_metadata(folder) or {}
     origin = {"path": str(folder), "stage": previous.get("stage"), "recipe_name": previous.get("recipe_name")}
@@ -287,6 +292,23 @@ def save_stage(
     return output if trainer.is_world_process_zero() else None
 
 
+def save_adapter_stage(trainer: Trainer, output: Path, metadata: dict[str, Any], overwrite: bool) -> Path | None:
+    """Write the LoRA adapter folder (weights, adapter card, training metadata) atomically from the main process."""
+    if trainer.is_world_process_zero():
+        recipe = metadata["recipe"]
+        save_adapter(
+            trainer.accelerator.unwrap_model(trainer.model),
+            output,
+            base_model=recipe["model"]["init_from"],
+            recipe=recipe,
+            metrics=metadata["final_metrics"],
+            overwrite=overwrite,
+            extra=lambda tmp: write_metadata(tmp, **metadata),
+        )
+    trainer.accelerator.wait_for_everyone()
+    return output if trainer.is_world_process_zero() else None
+
+
 def _check_output_paths(recipe: Recipe, args: TrainingArguments, resume: bool) -> str | None:
     """Fail before training when the run would clobber or mix with an earlier one; return what to resume."""
     output, checkpoints = Path(recipe.train.output_dir), args.output_dir
@@ -313,9 +335,8 @@ def _check_output_paths(recipe: Recipe, args: TrainingArguments, resume: bool) -
 
 def _check_data_settings(recipe: Recipe, sources: list[Source]) -> None:
     """Data settings that cannot work with the rest of the recipe, found before anything is loaded."""
-    if any(s.modality == "text" for s in sources) and "language_model" not in trainable_groups(
-        recipe.stage, recipe.trainable
-    ):
+    llm_trains = recipe.peft.enabled or "language_model" in trainable_groups(recipe.stage, recipe.trainable)
+    if any(s.modality == "text" for s in sources) and not llm_trains:
         raise RecipeError(
             f"stage {recipe.stage} keeps the language model frozen, so a language-only batch trains nothing: "
             "remove the text sources or make language_model trainable"
@@ -360,8 +381,14 @@ def run_stage(
     checkpoint = _check_output_paths(recipe, args, resume)
 
     attn_implementation = resolve_attn_implementation(recipe.model.attn_implementation)
-    model, processor, origin = load_start(recipe.model, attn_implementation)
-    trainable = set(apply_stage(model, recipe.stage, recipe.trainable))
+    model, processor, origin = load_start(recipe.model, attn_implementation, recipe.peft)
+    if recipe.peft.enabled:  # LoRA on a frozen base instead of the stage's trainable groups
+        model = apply_lora(model, recipe.peft)
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        groups = ["lora", *recipe.peft.all_modules_to_save]
+    else:
+        trainable = set(apply_stage(model, recipe.stage, recipe.trainable))
+        groups = trainable_groups(recipe.stage, recipe.trainable)
     parameter_counts = {
         "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in trainable),
         "total_parameters": sum(p.numel() for p in model.parameters()),
@@ -423,7 +450,7 @@ def run_stage(
         "stage": recipe.stage,
         "started_from": origin,
         "resumed_from": checkpoint,
-        "trainable_groups": trainable_groups(recipe.stage, recipe.trainable),
+        "trainable_groups": groups,
         **parameter_counts,
         "data_mix": {
             "sources": [{**asdict(source), "modality": source.modality} for source in sources],
@@ -439,6 +466,7 @@ def run_stage(
         "final_metrics": metrics,
         "attn_implementation": attn_implementation,
     }
-    return save_stage(
-        trainer, processor, Path(t.output_dir), metadata, overwrite=t.overwrite_output or resume
-    )
+    overwrite = t.overwrite_output or resume
+    if recipe.peft.enabled:
+        return save_adapter_stage(trainer, Path(t.output_dir), metadata, overwrite=overwrite)
+    return save_stage(trainer, processor, Path(t.output_dir), metadata, overwrite=overwrite)
