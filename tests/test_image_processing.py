@@ -27,6 +27,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.conftest import make_image as photo  # noqa: E402
+
 CLIP_BG = (122, 116, 104)
 GREEN = (10, 200, 30)
 
@@ -43,15 +45,6 @@ def pixels(proc: DeepseekVLHFImageProcessor, images, **kwargs) -> torch.Tensor:
 def scaled(color) -> torch.Tensor:
     """8-bit colour -> the float32 values the processor writes, shaped [3, 1, 1]."""
     return (torch.tensor(color, dtype=torch.float32) / 255).view(3, 1, 1)
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth random RGB image (gradients plus noise), like a photo for resampling purposes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([(xx * (c + 1) + yy * (3 - c)) % 256 for c in range(3)], axis=-1).astype(np.float32)
-    noise = rng.normal(0, 12, size=(height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def content_box(pv: torch.Tensor, background) -> tuple[int, int, int, int]:
