@@ -364,15 +364,18 @@ class DeepseekVLVisionEncoder(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Resize and normalise in fp32, then cast to the towers' dtype: [0, 1] pixels cast to bf16 first lose
+        # precision that the normalisation then amplifies (as a processor that normalises in fp32 does not).
+        dtype, pixels = self.siglip.pos_embed.dtype, pixel_values.float()
         siglip_cfg = self.config.siglip_config
-        low_input = pixel_values
-        if pixel_values.shape[-1] != siglip_cfg.image_size:
-            low_input = _resize_fp32(pixel_values, siglip_cfg.image_size, antialias=True)
-        low = self.siglip(_normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std))
+        low_input = pixels
+        if pixels.shape[-1] != siglip_cfg.image_size:
+            low_input = _resize_fp32(pixels, siglip_cfg.image_size, antialias=True)
+        low = self.siglip(_normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std).to(dtype))
         high = None
         if self.sam is not None:
             sam_cfg = self.config.sam_config
-            high = self.sam(_normalize(pixel_values, sam_cfg.image_mean, sam_cfg.image_std))
+            high = self.sam(_normalize(pixels, sam_cfg.image_mean, sam_cfg.image_std).to(dtype))
         return low, high
 
 
@@ -521,7 +524,7 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
                 f"pixel_values must have shape [num_images, 3, {expected}, {expected}], got {tuple(pixel_values.shape)}; "
                 "prepare images with this model's image processor"
             )
-        low, high = self.vision_model(pixel_values.to(self.vision_model.siglip.pos_embed.dtype))
+        low, high = self.vision_model(pixel_values)
         return self.aligner(low, high)
 
     def _merge_image_features(
