@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepseek_vl_hf.commands.common import load_model_and_processor
+from deepseek_vl_hf.commands.common import add_load_args, load_model_and_processor
 
 
 def run(args: argparse.Namespace) -> None:
@@ -48,12 +48,10 @@ def run(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model folder (one-shot with --prompt, else interactive)")
-    p.add_argument("--model", required=True, help="checkpoint folder")
+    add_load_args(p)
     p.add_argument("--image", action="append", default=[], help="image file for the (first) message (repeatable)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

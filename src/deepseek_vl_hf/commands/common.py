@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 from typing import Any
 
@@ -19,6 +20,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
         overrides[key.strip()] = value
     return overrides
+
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """The options of `load_model_and_processor`: --model, --device, --dtype."""
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "auto"):
