@@ -585,7 +585,9 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
                 f"max_position_embeddings={limit}; shorten the prompt (the processor's max_length/truncation) or "
                 "generate fewer new tokens"
             )
-        inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+        image_features = None
+        if pixel_values is not None or not past:  # decode steps have no images: skip the image-token check
+            inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

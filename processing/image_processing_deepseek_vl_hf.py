@@ -11,10 +11,13 @@ Hub remote code: imports only the standard library, numpy, PIL, torch and transf
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -47,6 +50,29 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _EXIF_ORIENTATION = 0x0112
+# Pillow >= 11.2 can keep an image in one memory block and export it through the Arrow C data interface.
+_NEW_BLOCK = getattr(Image.core, "new_block", None)
+
+
+class _ArrowArray(ctypes.Structure):
+    """`struct ArrowArray` of the Arrow C data interface (arrow.apache.org/docs/format/CDataInterface.html)."""
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
 
 
 class ImageInputError(ValueError):
@@ -199,6 +225,8 @@ def _finish(
             f"max_image_pixels={max_pixels} (decompression-bomb guard)",
             "shrink it beforehand, or, if you trust the file, raise max_image_pixels (None: no limit)",
         )
+    if _NEW_BLOCK is not None and image.format == "JPEG" and image.mode == "RGB" and image.tile:
+        image.im = _NEW_BLOCK(image.mode, image.size)  # decode into one block, which `_pixels` views in place
     try:
         image.load()
     except Exception as err:
@@ -581,7 +609,8 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         items = _flatten(images)
         size = s["image_size"]
         fill = s["background_color"] or default_background_color(s["image_mean"])
-        pixel_values = torch.empty((len(items), 3, size, size), dtype=torch.float32)
+        # numpy allocates large arrays on transparent huge pages: far fewer page faults than torch.empty.
+        pixel_values = torch.from_numpy(np.empty((len(items), 3, size, size), dtype=np.float32))
         # The same object given twice is processed once (and never loaded by two threads at the same time).
         first: dict[int, int] = {}
         for i, item in enumerate(items):
@@ -589,8 +618,7 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         unique = sorted(set(first.values()))
 
         def work(i: int) -> None:
-            resized = self._resize(items[i], i, s, fill)
-            _paste(pixel_values[i], resized, fill, s["rescale_factor"])
+            self._process(items[i], i, s, fill, pixel_values[i].numpy())
 
         if s["num_workers"] > 0 and len(unique) > 1:
             pool = ThreadPoolExecutor(max_workers=min(s["num_workers"], len(unique)))
@@ -612,38 +640,54 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         return BatchFeature(data={"pixel_values": data})
 
     @staticmethod
-    def _resize(image: Any, index: int, s: dict[str, Any], fill: tuple[int, int, int]) -> torch.Tensor:
-        """One input -> the resized image as uint8 [3, h, w] (h, w from `resized_size`)."""
+    def _process(
+        image: Any, index: int, s: dict[str, Any], fill: tuple[int, int, int], slot: np.ndarray
+    ) -> None:
+        """Load one input, resize it to `resized_size` and paste it into its float32 [3, S, S] `slot`."""
         size, min_size = s["image_size"], s["min_size"]
-        if s["resample_backend"] == "pil":
-            pil = load_image(image, index, background_color=fill, max_image_pixels=s["max_image_pixels"])
-            height, width = resized_size(pil.height, pil.width, size, min_size)
-            if (height, width) != (pil.height, pil.width):
-                pil = pil.resize((width, height), Image.Resampling.BICUBIC)
-            return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
-        if isinstance(image, (np.ndarray, torch.Tensor)):
+        if s["resample_backend"] == "torch" and isinstance(image, (np.ndarray, torch.Tensor)):
             chw = _array_to_chw_uint8(image, index)
-        else:
-            pil = load_image(image, index, background_color=fill, max_image_pixels=s["max_image_pixels"])
-            chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
-        height, width = resized_size(chw.shape[1], chw.shape[2], size, min_size)
-        if (height, width) == tuple(chw.shape[1:]):
-            return chw
-        # uint8 antialiased bicubic; channels-last memory takes torch's fast uint8 kernel on any input layout.
-        batch = chw.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        return F.interpolate(
-            batch, size=(height, width), mode="bicubic", antialias=True, align_corners=False
-        )[0]
+            _paste(slot, _resize(chw, resized_size(*chw.shape[1:], size, min_size)), fill, s["rescale_factor"])
+            return
+        pil = load_image(image, index, background_color=fill, max_image_pixels=s["max_image_pixels"])
+        target = resized_size(pil.height, pil.width, size, min_size)
+        if s["resample_backend"] == "pil" and target != (pil.height, pil.width):
+            pil = pil.resize(target[::-1], Image.Resampling.BICUBIC)
+        with _pixels(pil) as chw:
+            _paste(slot, _resize(chw, target), fill, s["rescale_factor"])
 
 
-def _paste(
-    slot: torch.Tensor, image: torch.Tensor, fill: tuple[int, int, int], rescale_factor: float
-) -> None:
-    """Write the background and the centred uint8 `image` into the float32 [3, S, S] `slot`, rescaled.
+@contextmanager
+def _pixels(image: Image.Image) -> Iterator[torch.Tensor]:
+    """An RGB PIL image's pixels as uint8 [C, H, W], RGB first, valid in the `with` block: Pillow >= 11.2 gives
+    its RGBX memory in place (C = 4; copied once into one block if it spans several), older Pillow a copy (C = 3)."""
+    if _NEW_BLOCK is None:
+        yield torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return
+    core = image.im
+    if not core.isblock():
+        core = _NEW_BLOCK(image.mode, image.size)
+        core.paste(image.im, (0, 0, *image.size))
+    capsule = core.__arrow_c_array__()  # keeps the memory alive until the block ends
+    data = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array")).children[0].contents.buffers[1]
+    width, height = image.size
+    buffer = (ctypes.c_uint8 * (height * width * 4)).from_address(data)
+    yield torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, 4).permute(2, 0, 1)
 
-    Values are computed in float64 and rounded once to float32, as `uint8 -> float64 * factor -> float32` in
-    the reference implementation, so the "pil" backend matches it bit for bit.
-    """
+
+def _resize(chw: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
+    """uint8 [C, H, W] -> uint8 [C, *target], antialiased bicubic (the input itself if it has that size already)."""
+    if target == tuple(chw.shape[1:]):
+        return chw
+    # channels-last memory takes torch's fast uint8 kernel on any input layout (a view for `_pixels` images).
+    batch = chw.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(batch, size=target, mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def _paste(slot: np.ndarray, image: torch.Tensor, fill: tuple[int, int, int], rescale_factor: float) -> None:
+    """Write the background and the centred uint8 `image` ([C, h, w], RGB first) into the float32 [3, S, S] `slot`,
+    rescaled as the reference does (`uint8 -> float64 * factor -> float32`), so the "pil" backend matches it exactly."""
+    # numpy, single-threaded, is as fast here as torch's threads and never waits for a busy second core.
     size = slot.shape[-1]
     height, width = image.shape[-2:]
     top, left = (size - height) // 2, (size - width) // 2
@@ -651,25 +695,23 @@ def _paste(
     for channel, value in enumerate(fill):
         plane = slot[channel]
         for band in (plane[:top], plane[bottom:], plane[top:bottom, :left], plane[top:bottom, right:]):
-            if band.numel():
-                band.fill_(value * rescale_factor)
-    region = slot[:, top:bottom, left:right]
-    divisor = _exact_divisor(rescale_factor, torch.get_default_dtype())
+            band.fill(value * rescale_factor)
+    region, pixels = slot[:, top:bottom, left:right], image[:3].numpy()
+    divisor = _exact_divisor(rescale_factor)
     if divisor is None:
-        region.copy_(image.to(torch.float64).mul_(rescale_factor))
-    else:  # one pass from uint8, same values
-        torch.div(image, divisor, out=region)
+        np.multiply(pixels, rescale_factor, out=region, dtype=np.float64)
+    else:  # one float32 pass, same values
+        np.divide(pixels, divisor, out=region, dtype=np.float32)
 
 
 @lru_cache(maxsize=16)
-def _exact_divisor(rescale_factor: float, default_dtype: torch.dtype) -> float | None:
-    """`1 / rescale_factor` if `uint8 / it` in float32 equals `uint8 -> float64 * rescale_factor -> float32` for
-    all 256 levels (it does for 1/255), else None. `default_dtype` keys the cache: it sets the division's dtype."""
-    levels = torch.arange(256, dtype=torch.uint8)
-    reference = (levels.to(torch.float64) * rescale_factor).to(torch.float32)
-    divided = torch.empty(256, dtype=torch.float32)
-    torch.div(levels, 1 / rescale_factor, out=divided)
-    return 1 / rescale_factor if torch.equal(divided, reference) else None
+def _exact_divisor(rescale_factor: float) -> np.float32 | None:
+    """float32 `1 / rescale_factor` if `uint8 / it` in float32 equals `uint8 -> float64 * rescale_factor -> float32`
+    for all 256 levels (it does for 1/255), else None."""
+    levels = np.arange(256, dtype=np.uint8)
+    divisor = np.float32(1 / rescale_factor)
+    reference = (levels * np.float64(rescale_factor)).astype(np.float32)
+    return divisor if np.array_equal(np.divide(levels, divisor, dtype=np.float32), reference) else None
 
 
 DeepseekVLHFImageProcessor.register_for_auto_class()

@@ -530,6 +530,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert pixels(override, photo(10, 10)).shape == (1, 3, 32, 32)
 
 
+def test_in_place_pixel_views_match_copies(tmp_path, monkeypatch):
+    """Decoded RGB JPEGs are read in place (one memory block, Pillow >= 11.2); other images are first copied into
+    one; without Pillow's block API the pixels are copied out. All three give the same values, bit for bit."""
+    path = tmp_path / "photo.jpg"
+    photo(300, 200, seed=6).save(path, quality=90)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo(90, 130, seed=7).save(rotated, exif=exif)
+    inputs = [path, path.read_bytes(), rotated, photo(64, 64, seed=8), photo(500, 40, seed=9)]
+    if module._NEW_BLOCK is not None:
+        assert load_image(path).im.isblock()
+    fast = pixels(processor(image_size=128), inputs)
+    slow = pixels(processor(image_size=128, resample_backend="pil"), inputs)
+    monkeypatch.setattr(module, "_NEW_BLOCK", None)
+    assert torch.equal(pixels(processor(image_size=128), inputs), fast)
+    assert torch.equal(pixels(processor(image_size=128, resample_backend="pil"), inputs), slow)
+
+
 def test_workers_give_identical_output(tmp_path):
     path = tmp_path / "a.jpg"
     photo(90, 70, seed=5).save(path)

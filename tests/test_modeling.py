@@ -156,3 +156,13 @@ def test_generate_uses_pixels_only_on_prefill(tiny_pair, monkeypatch):
     )
     assert out.shape[1] == input_ids.shape[1] + 4
     assert calls == [1]
+
+
+def test_decode_step_may_produce_the_image_token(tiny_pair):
+    """A generated token that happens to be the image token id is text on the next step, not a missing image."""
+    model, _ = tiny_pair
+    input_ids, pixel_values = _inputs(model, n_images=1)
+    with torch.no_grad():
+        prefill = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
+        step = model(input_ids=torch.tensor([[model.config.image_token_id]]), past_key_values=prefill.past_key_values)
+    assert step.logits.shape == (1, 1, model.config.text_config.vocab_size)
