@@ -42,7 +42,7 @@ def _normalize(pixel_values: torch.Tensor, mean: list[float], std: list[float]) 
     """[0, 1] pixels -> (x - mean) / std per channel, in the input's dtype."""
     mean_t = torch.tensor(mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
-    return (pixel_values - mean_t) / std_t
+    return torch.sub(pixel_values, mean_t).div_(std_t)  # one new tensor, the same values as `(x - mean) / std`
 
 
 def _resize_fp32(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
@@ -182,25 +182,33 @@ def _rel_pos_attention(
     r_q = q.reshape(groups, heads, grid, grid, dim)
     rel_h = torch.einsum("gnhwc,hkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_h)).contiguous()
     rel_w = torch.einsum("gnhwc,wkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_w)).contiguous()
+    steps = _chunk_steps(groups, heads, grid, grid * tokens * q.element_size())
+
+    def attend(gs: slice, hs: slice, rows: slice, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Attention of query rows `rows`, groups `gs`, heads `hs`; the bias goes into `buffer` when one is given."""
+        terms = (rel_h[gs, hs, rows, :, :, None], rel_w[gs, hs, rows, :, None, :])
+        if buffer is None:
+            bias = torch.add(*terms)
+        else:
+            bias = torch.add(*terms, out=buffer[: terms[0].shape[0], : terms[0].shape[1], : terms[0].shape[2]])
+        queries = slice(rows.start * grid, rows.stop * grid)
+        bias = bias.reshape(bias.shape[0], bias.shape[1], -1, tokens)
+        return F.scaled_dot_product_attention(q[gs, hs, queries], k[gs, hs], v[gs, hs], attn_mask=bias)
+
+    if steps == (groups, heads, grid):  # one chunk: the whole bias, and no output buffer to copy into
+        return attend(slice(0, groups), slice(0, heads), slice(0, grid), None)
+    group_step, head_step, row_step = steps
+    # Without autograd one bias buffer serves every chunk; autograd needs an out-of-place bias per chunk.
     track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
-    group_step, head_step, row_step = _chunk_steps(groups, heads, grid, grid * tokens * q.element_size())
     buffer = None if track_grad else q.new_empty(group_step, head_step, row_step, grid, grid, grid)
     out = q.new_empty(groups, heads, tokens, dim)
     for g in range(0, groups, group_step):
-        gs = slice(g, g + group_step)
         for h in range(0, heads, head_step):
-            hs = slice(h, h + head_step)
             for r in range(0, grid, row_step):
                 rows = slice(r, r + row_step)
-                terms = (rel_h[gs, hs, rows, :, :, None], rel_w[gs, hs, rows, :, None, :])
-                if track_grad:  # autograd needs an out-of-place bias
-                    bias = torch.add(*terms)
-                else:
-                    bias = buffer[: terms[0].shape[0], : terms[0].shape[1], : terms[0].shape[2]]
-                    torch.add(*terms, out=bias)
-                queries = slice(r * grid, (r + row_step) * grid)
-                bias = bias.reshape(bias.shape[0], bias.shape[1], -1, tokens)
-                out[gs, hs, queries] = F.scaled_dot_product_attention(q[gs, hs, queries], k[gs, hs], v[gs, hs], attn_mask=bias)
+                out[g : g + group_step, h : h + head_step, r * grid : (r + row_step) * grid] = attend(
+                    slice(g, g + group_step), slice(h, h + head_step), rows, buffer
+                )
     return out
 
 
