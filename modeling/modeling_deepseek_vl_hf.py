@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, fields
@@ -170,6 +171,15 @@ def _chunk_steps(groups: int, heads: int, rows: int, row_bytes: int) -> tuple[in
     return min(groups, group_step), head_step, rows
 
 
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` as its CPU math path computes it (in fp32; same values and gradients), less
+    `_safe_softmax`'s three extra passes over the scores for fully masked rows, which a finite bias never has."""
+    dtype, scale = q.dtype, math.sqrt(1 / math.sqrt(q.shape[-1]))
+    q, k, v, attn_mask = (t.float() for t in (q, k, v, attn_mask))
+    scores = torch.matmul(q * scale, k.transpose(-2, -1) * scale).add_(attn_mask)
+    return torch.matmul(torch.softmax(scores, -1), v).to(dtype)
+
+
 def _rel_pos_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: int
 ) -> torch.Tensor:
@@ -183,6 +193,9 @@ def _rel_pos_attention(
     rel_h = torch.einsum("gnhwc,hkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_h)).contiguous()
     rel_w = torch.einsum("gnhwc,wkc->gnhwk", r_q, get_rel_pos(grid, grid, rel_pos_w)).contiguous()
     steps = _chunk_steps(groups, heads, grid, grid * tokens * q.element_size())
+    track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
+    # On CPU, SDPA with a bias that needs gradients takes its math path: written out, it skips three passes.
+    attention = _math_attention if track_grad and q.device.type == "cpu" else F.scaled_dot_product_attention
 
     def attend(gs: slice, hs: slice, rows: slice, buffer: torch.Tensor | None) -> torch.Tensor:
         """Attention of query rows `rows`, groups `gs`, heads `hs`; the bias goes into `buffer` when one is given."""
@@ -193,13 +206,12 @@ def _rel_pos_attention(
             bias = torch.add(*terms, out=buffer[: terms[0].shape[0], : terms[0].shape[1], : terms[0].shape[2]])
         queries = slice(rows.start * grid, rows.stop * grid)
         bias = bias.reshape(bias.shape[0], bias.shape[1], -1, tokens)
-        return F.scaled_dot_product_attention(q[gs, hs, queries], k[gs, hs], v[gs, hs], attn_mask=bias)
+        return attention(q[gs, hs, queries], k[gs, hs], v[gs, hs], attn_mask=bias)
 
     if steps == (groups, heads, grid):  # one chunk: the whole bias, and no output buffer to copy into
         return attend(slice(0, groups), slice(0, heads), slice(0, grid), None)
     group_step, head_step, row_step = steps
     # Without autograd one bias buffer serves every chunk; autograd needs an out-of-place bias per chunk.
-    track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
     buffer = None if track_grad else q.new_empty(group_step, head_step, row_step, grid, grid, grid)
     out = q.new_empty(groups, heads, tokens, dim)
     for g in range(0, groups, group_step):
