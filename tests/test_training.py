@@ -124,6 +124,41 @@ def test_one_step_changes_exactly_the_stage_parameters(stage, start_dir, tmp_pat
     assert not any(group_of(n) == "sam_body" for n in changed)  # SAM-B bit-identical in every stage
 
 
+def test_group_learning_rates_set_each_groups_step_size(start_dir, tmp_path):
+    """Adam's first step moves every element with a gradient by about its lr: SigLIP's 1e-4, the rest 1e-2."""
+    recipe = tiny_recipe(
+        3,
+        tmp_path / "out",
+        **{
+            "model.init_from": str(start_dir),
+            "data.sources": [PAIRS],
+            "train.max_steps": 1,
+            "train.learning_rate": 1e-2,
+            "train.group_learning_rates": {"siglip": 1e-4, "sam_new_layers": 0.0},
+            "train.lr_scheduler": "constant",
+            "train.warmup_steps": 0,
+        },
+    )
+    run_stage(recipe)
+    before, after = weights(start_dir), weights(tmp_path / "out")
+    moved: dict[str, float] = {}
+    for name in before:
+        step = (after[name] - before[name]).abs().max().item()
+        moved[group_of(name)] = max(moved.get(group_of(name), 0.0), step)
+    assert moved["sam_new_layers"] == 0.0 and moved["sam_body"] == 0.0
+    assert 0.5e-4 < moved["siglip"] <= 1.01e-4
+    assert 0.5e-2 < moved["aligner"] <= 1.01e-2 and 0.5e-2 < moved["language_model"] <= 1.01e-2
+
+
+def test_group_learning_rates_errors():
+    with pytest.raises(RecipeError, match=r"\['siglip'\], which do not train in stage 2"):
+        load_recipe(TINY / "stage2.yaml", {"train.group_learning_rates": {"siglip": 1e-5}})
+    with pytest.raises(RecipeError, match="unknown parameter group"):
+        load_recipe(TINY / "stage3.yaml", {"train.group_learning_rates": {"vision": 1e-5}})
+    with pytest.raises(RecipeError, match=">= 0"):
+        load_recipe(TINY / "stage3.yaml", {"train.group_learning_rates": {"siglip": "low"}})
+
+
 # --- recipes ------------------------------------------------------------------------------------------------
 
 

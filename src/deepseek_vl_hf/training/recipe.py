@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from deepseek_vl_hf.lora import PeftSettings
+from deepseek_vl_hf.training.stages import GROUPS, trainable_groups
 
 
 class RecipeError(ValueError):
@@ -73,6 +74,8 @@ class TrainConfig:
     output_dir: str
     max_steps: int
     learning_rate: float
+    # group -> its own peak learning rate (same schedule), e.g. {siglip: 1e-5}; groups not named use learning_rate
+    group_learning_rates: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: str | None = None  # Trainer checkpoints; default `<output_dir>-checkpoints`
     overwrite_output: bool = False
     per_device_batch_size: int = 8
@@ -106,6 +109,9 @@ class TrainConfig:
             raise RecipeError(f"train.on_nan must be stop or skip, got {self.on_nan!r}")
         if len(self.step_milestones) != len(self.step_factors):
             raise RecipeError("train.step_milestones and train.step_factors must have the same length")
+        for group, lr in self.group_learning_rates.items():
+            if not isinstance(lr, (int, float)) or lr < 0:
+                raise RecipeError(f"train.group_learning_rates.{group} must be a number >= 0, got {lr!r}")
         for name in (
             "max_steps",
             "per_device_batch_size",
@@ -138,6 +144,29 @@ class Recipe:
             raise RecipeError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.peft.enabled and self.model.init_from is None:
             raise RecipeError("peft needs model.init_from: an adapter belongs to a saved base checkpoint folder")
+        self._check_group_learning_rates()
+
+    def _check_group_learning_rates(self) -> None:
+        named = self.train.group_learning_rates
+        if named and self.peft.enabled:
+            raise RecipeError(
+                "train.group_learning_rates applies to stage groups; a LoRA run trains its adapters only"
+            )
+        unknown = sorted(set(named) - set(GROUPS))
+        if unknown:
+            raise RecipeError(
+                f"train.group_learning_rates: unknown parameter group(s) {unknown}; choose from {sorted(GROUPS)}"
+            )
+        try:
+            training = trainable_groups(self.stage, self.trainable)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        idle = sorted(set(named) - set(training))
+        if idle:
+            raise RecipeError(
+                f"train.group_learning_rates names {idle}, which do not train in stage {self.stage} "
+                f"(training: {training}); remove them or make them trainable"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

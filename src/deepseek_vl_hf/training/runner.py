@@ -53,7 +53,7 @@ from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProc
 from deepseek_vl_hf.training.callbacks import LanguageRetentionCallback, NonFiniteLossGuard, SigtermCheckpoint
 from deepseek_vl_hf.training.metadata import read_metadata, write_metadata
 from deepseek_vl_hf.training.recipe import DataConfig, ModelConfig, Recipe, RecipeError, TrainConfig
-from deepseek_vl_hf.training.stages import apply_stage, trainable_groups
+from deepseek_vl_hf.training.stages import apply_stage, group_of, trainable_groups
 
 logger = logging.getLogger(__name__)
 
@@ -255,12 +255,58 @@ def step_decay_factor(
     return factor
 
 
-class StageTrainer(Trainer):
-    """The `Trainer` plus the "step" LR schedule (DeepSeek-LLM's multi-step decay) that transformers lacks."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
-    def __init__(self, *args: Any, step_decay: tuple[list[float], list[float]] | None = None, **kwargs: Any):
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the prefixes DDP, torch.compile, FSDP1 and activation checkpointing insert."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def split_by_group_lr(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, group_lrs: dict[str, float]
+) -> None:
+    """Give the parameters of each group in `group_lrs` (see `training.stages`) that peak learning rate.
+
+    Each optimizer param group (the Trainer's decay / no-decay split) is split by learning rate in place,
+    before any step: the LR scheduler then scales every group by the same schedule.
+    """
+    names = {id(param): unwrapped_name(name) for name, param in model.named_parameters()}
+    split = []
+    for group in optimizer.param_groups:
+        by_lr: dict[float, list[torch.nn.Parameter]] = {}
+        for param in group["params"]:
+            lr = group_lrs.get(group_of(names[id(param)]), group["lr"])
+            by_lr.setdefault(lr, []).append(param)
+        split += [{**group, "params": params, "lr": lr} for lr, params in by_lr.items()]
+    optimizer.param_groups.clear()
+    for group in split:
+        optimizer.add_param_group(group)
+
+
+class StageTrainer(Trainer):
+    """The `Trainer` plus the "step" LR schedule (DeepSeek-LLM's multi-step decay) that transformers lacks,
+    and per-group peak learning rates (`train.group_learning_rates`, e.g. a lower one for a vision tower)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        step_decay: tuple[list[float], list[float]] | None = None,
+        group_learning_rates: dict[str, float] | None = None,
+        **kwargs: Any,
+    ):
         self.step_decay = step_decay
+        self.group_learning_rates = group_learning_rates or {}
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.group_learning_rates:
+            split_by_group_lr(optimizer, self.model if model is None else model, self.group_learning_rates)
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.step_decay is None or self.lr_scheduler is not None:
@@ -428,6 +474,7 @@ def run_stage(
         processing_class=processor,
         callbacks=[guard, sigterm, *callbacks],
         step_decay=(t.step_milestones, t.step_factors) if t.lr_scheduler == "step" else None,
+        group_learning_rates=t.group_learning_rates,
     )
     # First, so that the loggers and the progress bar see the perplexities it adds to the eval logs.
     trainer.callback_handler.callbacks.insert(0, LanguageRetentionCallback())
