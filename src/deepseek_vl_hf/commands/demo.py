@@ -1,0 +1,36 @@
+"""`deepseek-vl-hf demo`: the end-to-end demo (synthetic data, stage 0 + stages 1-3, evaluation, report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def run(args: argparse.Namespace) -> None:
+    # Before torch loads: idle OpenMP threads sleep instead of spinning, which matters on a shared CPU.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from deepseek_vl_hf.demo.pipeline import run_demo
+
+    try:
+        run_demo(args.out, minutes=args.minutes, ablation=args.ablation, overwrite=args.overwrite, seed=args.seed)
+    except FileExistsError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from deepseek_vl_hf.demo import ABLATIONS, DEFAULT_MINUTES
+
+    p = sub.add_parser(
+        "demo",
+        help="end-to-end demo: synthetic data, stage 0 + stages 1-3, evaluation, report (CPU, nothing downloaded)",
+    )
+    p.add_argument("--out", required=True, help="output folder (report.md, metrics.json, plots/, model/, data/)")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help=f"scale the training budget; the default takes about {DEFAULT_MINUTES:g} minutes on 2 CPU cores")
+    p.add_argument("--ablation", choices=ABLATIONS, default=None,
+                   help="run an ablation instead: modality-mix (text data in stage 2) or hybrid (vs SigLIP-only)")
+    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=run)

@@ -1,0 +1,219 @@
+"""The demo: the synthetic data generator (determinism, answers that match the drawn images), the evaluation,
+and shortened demo runs (report, metrics, plots, a model folder that loads and answers in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepseek_vl_hf.cli import main as cli_main
+from deepseek_vl_hf.demo import synthetic
+from deepseek_vl_hf.demo.evaluate import normalize_answer, score
+from deepseek_vl_hf.demo.pipeline import Budget, run_demo
+from deepseek_vl_hf.demo.synthetic import COLOURS, KINDS, VISUAL_CATEGORIES, generate_dataset, make_sample
+from deepseek_vl_hf.demo.warmup import read_jsonl
+
+SIZE = 256
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "a"
+    generate_dataset(folder, seed=3, train_per_category=6, eval_per_kind=2)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- generator
+
+
+def test_same_seed_writes_identical_files_and_another_seed_does_not(dataset, tmp_path):
+    generate_dataset(tmp_path / "b", seed=3, train_per_category=6, eval_per_kind=2)
+    generate_dataset(tmp_path / "c", seed=4, train_per_category=6, eval_per_kind=2)
+    first, again, other = files(dataset), files(tmp_path / "b"), files(tmp_path / "c")
+    assert first == again
+    assert first["eval.jsonl"] != other["eval.jsonl"] and first["images_train.jsonl"] != other["images_train.jsonl"]
+    expected = {"images_train.jsonl", "stage1_pairs.jsonl", "stage2_interleaved.jsonl", "stage3_conversations.jsonl",
+                "text_train.jsonl", "text_dialogues.jsonl", "eval.jsonl", "eval_pairs.jsonl",
+                "eval_interleaved.jsonl", "eval_conversations.jsonl", "eval_text.jsonl", "manifest.json"}
+    assert expected <= set(first)
+
+
+def test_held_out_questions_are_balanced_per_kind_and_unseen(dataset):
+    rows = read_jsonl(dataset / "eval.jsonl")
+    counts = Counter(row["kind"] for row in rows if row["image"] is not None)
+    assert counts == {kind: 2 for kind, spec in KINDS.items() if spec.category in VISUAL_CATEGORIES}
+    assert all(row["image"].startswith("images/eval/") for row in rows if row["image"] is not None)
+    # the text task is asked with templates the training corpus never uses
+    corpus = (dataset / "text_train.jsonl").read_text()
+    text_rows = [row for row in rows if row["image"] is None]
+    assert len(text_rows) == 2 * synthetic.NUM_ENTITIES
+    assert all(row["question"] not in corpus for row in text_rows)
+    for row in rows:
+        assert row["answer"] in KINDS[row["kind"]].answers
+
+
+def test_training_files_are_in_the_training_data_formats(dataset):
+    from deepseek_vl_hf.checkpoint import build_random_model
+    from deepseek_vl_hf.data import encode_record, open_records
+
+    _, processor = build_random_model("tiny", tokenizer_corpus=synthetic.tokenizer_corpus(0))
+    for name, kind, supervise in [("stage1_pairs", "pairs", "all"), ("stage2_interleaved", "interleaved", "all"),
+                                  ("stage3_conversations", "conversations", "assistant"),
+                                  ("text_dialogues", "conversations", "assistant"), ("text_train", "text", "all")]:
+        records = open_records(dataset / f"{name}.jsonl", kind)
+        encoded = encode_record(records[0], kind, processor, None, supervise)
+        assert len(encoded["images"]) == (0 if name.startswith("text") else 1)
+        assert any(label != -100 for label in encoded["labels"])
+
+
+def _ink(image: Image.Image, box) -> np.ndarray:
+    return np.asarray(image.crop(tuple(int(v) for v in box)).convert("L")) < 128
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_answers_match_what_is_drawn(index):
+    """Re-derive the answers from the pixels (colours, bar heights, ink) rather than from the generator's code."""
+    for category in VISUAL_CATEGORIES:
+        sample = make_sample(category, seed=7, split="train", index=index, size=SIZE)
+        pixels = np.asarray(sample.image).astype(int)
+        answers = {question: answer for _, question, answer in sample.qa}
+        for _, _, answer in sample.qa:
+            assert answer in {a for spec in KINDS.values() for a in spec.answers}
+        scene = sample.scene
+        if category == "scene":
+            assert answers["How many objects are there?"] == str(len(scene["objects"]))
+            for obj in scene["objects"]:
+                x0, y0, x1, y1 = obj["box"]
+                # the centre of the lower half is inside every shape (circle, square, triangle, cross)
+                centre = pixels[int(y0 + 0.6 * (y1 - y0)), int((x0 + x1) / 2)]
+                assert tuple(centre) == COLOURS[answers[f"What colour is the {obj['shape']}?"]]
+                side = "left" if (x0 + x1) / 2 < SIZE / 2 else "right"
+                assert answers[f"Is the {obj['colour']} {obj['shape']} on the left or the right?"] == side
+        elif category == "ocr":
+            text = next(iter(answers.values()))
+            blank = Image.new("RGB", sample.image.size, (255, 255, 255))
+            assert len(scene["boxes"]) == synthetic.OCR_GRID**2
+            for box in scene["boxes"]:  # every copy reads `text`, and there is no other ink
+                synthetic.draw_text(blank, tuple(box[:2]), text, (0, 0, 0))
+                assert (_ink(sample.image, box) == _ink(blank, box)).all() and _ink(blank, box).any()
+            assert _ink(sample.image, (0, 0, SIZE, SIZE)).sum() == sum(_ink(sample.image, b).sum() for b in scene["boxes"])
+        elif category == "chart" and scene["type"] == "bar":
+            colour = np.array(scene["colour"])
+            heights = []
+            for x0, x1 in scene["bars"]:
+                column = pixels[:, (x0 + x1) // 2]
+                filled = np.flatnonzero((column == colour).all(axis=1))
+                heights.append(round((filled.max() - filled.min() + 1) / scene["unit"]))
+            assert [answers[f"What is the value of {letter}?"] for letter in "ABCD"] == [str(h) for h in heights]
+            assert answers["Which bar is the largest?"] == "ABCD"[heights.index(max(heights))]
+        elif category == "geometry" and scene["type"] == "segment":
+            x0, y0, x1, y1 = (v * scene["unit"] for v in scene["ends"])
+            assert answers["How many units long is the segment?"] == str(round(math.dist((x0, y0), (x1, y1)) / scene["unit"]))
+            assert _ink(sample.image, (min(x0, x1) - 2, min(y0, y1) - 2, max(x0, x1) + 3, max(y0, y1) + 3)).any()
+        elif category == "geometry" and scene["type"] == "polygon":
+            assert answers["How many sides does the polygon have?"] == str(len(scene["corners"]))
+
+
+def test_normalised_exact_match_scoring():
+    assert normalize_answer("  Red. ") == "red"
+    rows = [{"kind": "scene/colour", "answer": "red"}, {"kind": "scene/colour", "answer": "blue"}]
+    table = score(rows, ["red.", "red"])
+    assert table["scene/colour"] == {"n": 2, "accuracy": 0.5, "chance": 1 / 6}
+
+
+def test_budget_scales_with_minutes():
+    default, short = Budget.for_minutes(7), Budget.for_minutes(0.7)
+    assert short.warmup_steps < default.warmup_steps and short.train_per_category < default.train_per_category
+    assert all(s < d for s, d in zip(short.stage_steps, default.stage_steps))
+    with pytest.raises(ValueError):
+        Budget.for_minutes(0)
+
+
+# ------------------------------------------------------------------------------------------------ shortened runs
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, run_demo(out, minutes=0.15, log=lambda _: None)
+
+
+def test_demo_writes_report_metrics_plots_and_recipes(demo_run):
+    out, metrics = demo_run
+    report = (out / "report.md").read_text()
+    for heading in ("Why there is a stage 0", "## Training", "## Held-out accuracy per category",
+                    "## Language retention", "## The model"):
+        assert heading in report
+    assert "may download nothing" in report  # why stage 0 exists
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(on_disk["evaluation"]["categories"]) == set(VISUAL_CATEGORIES)
+    for entry in on_disk["evaluation"]["categories"].values():
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["blind"] <= 1 and 0 < entry["chance"] < 1
+    assert set(on_disk["run"]["text_accuracy"]) == {"stage0", "stage1", "stage2", "stage3"}
+    assert [on_disk["run"]["stages"][f"stage{s}"]["steps"] for s in (1, 2, 3)] == list(metrics["budget"]["stage_steps"])
+    for plot in ("loss_per_stage.png", "accuracy_per_category.png", "retention.png"):
+        assert Image.open(out / "plots" / plot).size[0] > 100
+        assert f"plots/{plot}" in report
+    for stage in (1, 2, 3):
+        assert (out / "recipes" / f"stage{stage}.yaml").is_file()
+        assert (out / "stages" / f"stage{stage}" / "training_metadata.json").is_file()
+
+
+def test_demo_model_is_hub_ready_and_answers_in_a_fresh_process(demo_run, tmp_path):
+    out, _ = demo_run
+    model = out / "model"
+    card = (model / "README.md").read_text()
+    assert "library_name: transformers" in card and "stage 0" in card
+    image = next((out / "data" / "images" / "eval" / "scene").iterdir())
+    script = (
+        "import sys, torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModelForCausalLM, AutoProcessor\n"
+        "path, image = sys.argv[1], Image.open(sys.argv[2])\n"
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()\n"
+        "processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)\n"
+        "messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'How many objects are there?'}]}]\n"
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)\n"
+        "inputs = processor(text=prompt, images=[image], return_tensors='pt')\n"
+        "out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=1)\n"
+        "print('NEW', out.shape[1] - inputs['input_ids'].shape[1])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(model), str(image)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split("NEW")[-1]) >= 1
+
+
+def test_demo_refuses_a_non_empty_output_folder(demo_run):
+    out, _ = demo_run
+    with pytest.raises(SystemExit, match="--overwrite"):
+        cli_main(["demo", "--out", str(out)])
+
+
+@pytest.mark.parametrize("ablation", ["modality-mix", "hybrid"])
+def test_ablations_write_their_tables(tmp_path, ablation):
+    metrics = run_demo(tmp_path / "out", minutes=0.1, ablation=ablation, log=lambda _: None)
+    report = (tmp_path / "out" / "report.md").read_text()
+    variants = metrics["ablation"]["variants"]
+    assert len(variants) == 2
+    if ablation == "modality-mix":
+        assert "Ablation: modality mix" in report
+        assert {v["language_share"] for v in variants.values()} == {0.0, 0.3}
+        runs = [v["run"] for v in variants.values()]
+        assert runs[0]["stages"]["stage1"] == runs[1]["stages"]["stage1"]  # one shared stage 1
+    else:
+        assert "Ablation: hybrid vision encoder" in report and "**ocr**" in report
+        assert {v["preset"] for v in variants.values()} == {"tiny", "tiny-siglip"}
+    assert (tmp_path / "out" / "plots").is_dir()
