@@ -25,7 +25,9 @@ DEFAULT_SYSTEM_PROMPT = (
 # The "deepseek" conversation format: "{system}\n\n" (omitted when empty), "User: {text}\n\n",
 # "Assistant: {text}<｜end▁of▁sentence｜>", a generation prompt ends with "Assistant:". The first message may be
 # a system message (else the default system prompt is used); images sit in user turns where the content list
-# places them. Consecutive text parts are joined by one space; each turn's text is stripped.
+# places them. Consecutive text parts are joined by one space; each turn's text is stripped. What the model
+# learns to write, " {text}<｜end▁of▁sentence｜>" after each "Assistant:", is marked {% generation %}, so
+# `return_assistant_tokens_mask` (TRL's assistant-only loss) and this package's SFT labels find it.
 CHAT_TEMPLATE = (
     "{%- macro render(content, role, index) -%}"
     "{%- if content is string -%}{%- set ns = namespace(out=content) -%}"
@@ -66,9 +68,11 @@ CHAT_TEMPLATE = (
     " user or assistant') }}"
     "{%- endif -%}"
     "{%- set text = render(message['content'], message['role'], index) -%}"
-    "{%- if text -%}{{ label }}: {{ text }}{%- else -%}{{ label }}:{%- endif -%}"
-    "{%- if text and message['role'] == 'assistant' -%}{{ '<｜end▁of▁sentence｜>' }}"
-    "{%- elif text and (not loop.last or add_generation_prompt) -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- if text and message['role'] == 'assistant' -%}"
+    "Assistant:{% generation %} {{ text }}<｜end▁of▁sentence｜>{% endgeneration %}"
+    "{%- elif text -%}{{ label }}: {{ text }}"
+    "{%- if not loop.last or add_generation_prompt -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- else -%}{{ label }}:{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
@@ -171,22 +175,31 @@ class DeepseekVLHFProcessor(ProcessorMixin):
                 )
         return per_text
 
-    def encode_text(self, text: str, max_length: int | None = None) -> tuple[list[int], int]:
-        """Token ids with BOS and each placeholder expanded; returns (ids, number of images kept)."""
+    def encode_text(
+        self, text: str, max_length: int | None = None, return_offsets: bool = False
+    ) -> tuple[list[int], int] | tuple[list[int], int, list[tuple[int, int]]]:
+        """Token ids with BOS and each placeholder expanded; returns (ids, number of images kept), and with
+        `return_offsets` each id's (start, end) character span in `text` (BOS: (0, 0); an image's ids: its
+        placeholder's span). Offsets need a fast tokenizer."""
         bos = self.tokenizer.bos_token
-        if bos and text.startswith(bos):
-            text = text[len(bos) :]
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length: checked in __call__
+        skip = len(bos) if bos and text.startswith(bos) else 0
+        encoding = self.tokenizer(  # length: checked in __call__
+            text[skip:], add_special_tokens=False, verbose=False, return_offsets_mapping=return_offsets
+        )
+        ids = encoding["input_ids"]
+        spans = encoding["offset_mapping"] if return_offsets else [(0, 0)] * len(ids)
         image_id = self.image_token_id
         out = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        offsets = [(0, 0)] * len(out)
         kept = 0
-        for token in ids:
+        for token, (start, end) in zip(ids, spans):
             piece = [image_id] * self.num_image_tokens if token == image_id else [token]
             if max_length is not None and len(out) + len(piece) > max_length:
                 break  # truncate before a piece that does not fit whole: never through an image's tokens
             out += piece
+            offsets += [(start + skip, end + skip)] * len(piece)
             kept += token == image_id
-        return out, kept
+        return (out, kept, offsets) if return_offsets else (out, kept)
 
     def __call__(
         self,

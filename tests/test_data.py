@@ -161,6 +161,45 @@ def test_llava_and_content_list_conversations_match_canonical(processor, tmp_pat
     )
 
 
+def test_marked_answers_label_like_the_prefix_rendering(processor, tmp_path, png):
+    """The template's {% generation %} marks (one render) and the fallback of rendering up to each answer (for
+    templates without marks) give the same labels, and TRL-style assistant masks see the same answers."""
+    import copy
+
+    from deepseek_vl_hf.data.encoding import GENERATION_TAG
+
+    chats = [
+        [{"role": "user", "content": "<image_placeholder> What?"}, {"role": "assistant", "content": "Red."}],
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Shape?"}]},
+            {"role": "assistant", "content": "A square."},
+            {"role": "user", "content": "And the colour?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Red, mostly."}]},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+    ]
+    unmarked = copy.copy(processor)
+    unmarked.chat_template = GENERATION_TAG.sub("", processor.chat_template).replace("{% endgeneration %}", "")
+    assert GENERATION_TAG.search(processor.chat_template) and not GENERATION_TAG.search(unmarked.chat_template)
+    for messages in chats:
+        record = {"images": [str(tmp_path / png)], "messages": messages}
+        with_marks = encode_record(record, "conversations", processor, 512, "assistant")
+        without = encode_record(record, "conversations", unmarked, 512, "assistant")
+        assert with_marks["input_ids"] == without["input_ids"]
+        assert with_marks["labels"] == without["labels"]
+        assert sum(label != IGNORE_INDEX for label in with_marks["labels"]) > len(messages) // 2
+    text = processor.apply_chat_template(chats[1], tokenize=False)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    _, (spans,) = render_jinja_template([chats[1]], chat_template=processor.chat_template,
+                                        return_assistant_tokens_mask=True)
+    assert [text[a:b] for a, b in spans] == [
+        " A square.<｜end▁of▁sentence｜>", " Red, mostly.<｜end▁of▁sentence｜>", " Yes.<｜end▁of▁sentence｜>"
+    ]
+
+
 def test_json_parquet_and_datasets_folders_read_like_jsonl(tmp_path, png):
     import pyarrow as pa
     import pyarrow.parquet as pq

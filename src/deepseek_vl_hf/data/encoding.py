@@ -8,9 +8,11 @@ which tokens are labels. BOS, image tokens and (later) padding are never labels.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from jinja2 import TemplateError
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from deepseek_vl_hf.data.records import (
     CORRUPT_IMAGE,
@@ -27,6 +29,7 @@ from deepseek_vl_hf.processing.image_processing_deepseek_vl_hf import ImageInput
 
 IGNORE_INDEX = -100
 SUPERVISION_MODES = ("all", "assistant")
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def render_text(record: dict, kind: str, processor) -> tuple[str, list]:
@@ -65,9 +68,38 @@ def _token_ids(text: str, processor, max_length: int | None = None) -> tuple[lis
 def _assistant_labels(messages: list[dict], ids: list[int], processor) -> list[int]:
     """Labels that keep only the assistant answers and the EOS closing each: everything else is IGNORE_INDEX.
 
-    An answer's tokens lie between the ids of the conversation up to "Assistant:" and up to the answer's EOS;
-    both are rendered with the same chat template, so they are prefixes of the full conversation's ids.
+    The answers are what the chat template marks `{% generation %}` (one render, one tokenisation); a template
+    without the marks (or a slow tokenizer) falls back to rendering the conversation up to each answer.
     """
+    if GENERATION_TAG.search(processor.chat_template or "") and processor.tokenizer.is_fast:
+        return _marked_labels(messages, ids, processor)
+    return _prefix_labels(messages, ids, processor)
+
+
+def _marked_labels(messages: list[dict], ids: list[int], processor) -> list[int]:
+    """Labels from the character spans the template marks `{% generation %}`, mapped onto token offsets."""
+    try:
+        texts, marked = render_jinja_template(
+            [messages], chat_template=processor.chat_template, return_assistant_tokens_mask=True
+        )
+    except TemplateError as err:
+        raise BadRecord(MALFORMED, str(err)) from err
+    marked_ids, _, offsets = processor.encode_text(texts[0], return_offsets=True)
+    if marked_ids != ids:
+        raise BadRecord(MALFORMED, "the chat template renders the conversation differently when marking answers")
+    labels = []
+    for token, (start, end) in zip(ids, offsets):
+        inside = end > start and any(left <= start and end <= right for left, right in marked[0])
+        if not inside and any(start < right and left < end for left, right in marked[0]):
+            raise BadRecord(TURN_BOUNDARY, "the tokenizer merges text across the start or end of an assistant answer")
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+def _prefix_labels(messages: list[dict], ids: list[int], processor) -> list[int]:
+    """Labels from prefix lengths: an answer's tokens lie between the ids of the conversation up to "Assistant:"
+    and up to the answer's EOS; both are rendered with the same chat template, so they are prefixes of the full
+    conversation's ids."""
     labels = [IGNORE_INDEX] * len(ids)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
