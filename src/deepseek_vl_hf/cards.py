@@ -17,7 +17,8 @@ are refused so that a typo does not silently vanish from the card):
   ],
   "data_mix": {"language": 0.7, "multimodal": 0.3},   # source -> share, overall
   "hyperparameters": {"optimizer": "adamw", "weight_decay": 0.0},
-  "final_metrics": {"eval_loss": 1.9, "vqa_accuracy": 0.41}
+  "final_metrics": {"eval_loss": 1.9, "vqa_accuracy": 0.41},
+  "intended_use": "What the model is for and what it is not."   # a paragraph of its own on the card
 }
 ```
 """
@@ -42,7 +43,7 @@ TRAINING_METADATA = "training_metadata.json"
 TAGS = ["deepseek-vl", "deepseek-vl-hf", "vision-language", "multimodal", "custom_code"]
 DEEPSEEK_MODEL_LICENSE = "https://github.com/deepseek-ai/DeepSeek-VL/blob/main/LICENSE-MODEL"
 _METADATA_KEYS = {"recipe": str, "base_model": str, "stages": list, "data_mix": dict, "hyperparameters": dict,
-                  "final_metrics": dict}
+                  "final_metrics": dict, "intended_use": str}
 _STAGE_KEYS = {"name": str, "trainable": list, "steps": int, "learning_rate": (int, float), "batch_size": int,
                "data_mix": dict, "metrics": dict}
 _COMPONENTS = (
@@ -174,12 +175,14 @@ def render_card(
     *,
     base_model: str | None = None,
     model_id: str | None = None,
+    title: str | None = None,
     license_id: str | None = None,
     template: str | os.PathLike = TEMPLATE,
 ) -> str:
     """The README text for the checkpoint in `folder`.
 
-    `model_id` is the path or Hub id the snippet loads (default: the folder's name); `base_model` the Hub id of the
+    `model_id` is the path or Hub id the snippet loads (default: the folder's name), `title` the card's heading
+    (default: `model_id`); `base_model` the Hub id of the
     weights it comes from (default: the training metadata's); `license_id` defaults to DeepSeek's model license for
     `deepseek-ai/...` base models, else MIT.
     """
@@ -201,7 +204,8 @@ def render_card(
     background = preprocessor.get("background_color") or [int(m * 255) for m in preprocessor.get("image_mean", [])]
     context = {
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True),
-        "title": model_id or folder.name,
+        "title": title or model_id or folder.name,
+        "intended_use": (metadata or {}).get("intended_use"),
         "summary": f"A DeepSeek-VL vision-language model ({variant}, {config.num_image_tokens} image tokens per image, "
                    f"Llama language model) that answers questions about images in a chat.",
         "provenance": f"Weights derived from [`{base_model}`](https://huggingface.co/{base_model})." if base_model else "",
