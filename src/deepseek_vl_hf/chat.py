@@ -74,6 +74,10 @@ class ChatSession:
         thread.start()
         pieces = []
         for piece in streamer:
+            if not pieces:  # the answer follows "Assistant:" after a space, which is the template's, not the answer's
+                piece = piece.lstrip()
+                if not piece:
+                    continue
             pieces.append(piece)
             yield piece
         thread.join()
