@@ -196,10 +196,43 @@ def test_demo_model_is_hub_ready_and_answers_in_a_fresh_process(demo_run, tmp_pa
     assert int(result.stdout.split("NEW")[-1]) >= 1
 
 
-def test_demo_refuses_a_non_empty_output_folder(demo_run):
+def test_demo_model_answers_in_chat_and_in_the_web_chat_turn(demo_run, tmp_path):
+    """`deepseek-vl-hf chat` (a fresh process) and the web chat's turn function give the model's greedy answer."""
+    from deepseek_vl_hf.chat import ChatSession, generation_kwargs
+    from deepseek_vl_hf.commands.common import load_model_and_processor
+    from deepseek_vl_hf.demo.evaluate import generate_answers
+    from deepseek_vl_hf.serve import stream_turn
+
+    out, _ = demo_run
+    row = next(r for r in read_jsonl(out / "data" / "eval.jsonl") if r["category"] == "chart")
+    image = str(out / "data" / row["image"])
+    model, processor = load_model_and_processor(str(out / "model"))
+    (greedy,) = generate_answers(model, processor, [row], out / "data", with_image=True, max_new_tokens=8)
+    assert greedy.strip()
+    display = list(stream_turn(ChatSession(model, processor), row["question"], [image], [], **generation_kwargs(8)))
+    assert display[-1][-1]["content"] == greedy.strip()
+    result = subprocess.run(
+        [sys.executable, "-m", "deepseek_vl_hf.cli", "chat", "--model", str(out / "model"), "--image", image,
+         "--prompt", row["question"], "--max-new-tokens", "8"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == f"Assistant: {greedy.strip()}"
+
+
+def test_demo_refuses_a_non_empty_output_folder_and_bad_budgets(demo_run, tmp_path):
     out, _ = demo_run
     with pytest.raises(SystemExit, match="--overwrite"):
         cli_main(["demo", "--out", str(out)])
+    with pytest.raises(SystemExit, match="minutes must be positive"):
+        cli_main(["demo", "--out", str(tmp_path / "new"), "--minutes", "0"])
+
+
+def test_demo_without_the_train_extra_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit, match=r'needs matplotlib \(the train extra\): pip install -e "\.\[train\]"'):
+        cli_main(["demo", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("ablation", ["modality-mix", "hybrid"])
@@ -210,7 +243,7 @@ def test_ablations_write_their_tables(tmp_path, ablation):
     assert len(variants) == 2
     if ablation == "modality-mix":
         assert "Ablation: modality mix" in report
-        assert {v["language_share"] for v in variants.values()} == {0.0, 0.3}
+        assert {v["language_share"] for v in variants.values()} == {0.0, 0.7}
         runs = [v["run"] for v in variants.values()]
         assert runs[0]["stages"]["stage1"] == runs[1]["stages"]["stage1"]  # one shared stage 1
     else:

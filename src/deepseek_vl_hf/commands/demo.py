@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+
+TRAIN_EXTRA = ("accelerate", "matplotlib")  # the Trainer's and the report's packages beyond the core install
+
+
+def missing_packages(names: tuple[str, ...] = TRAIN_EXTRA) -> list[str]:
+    """The packages of `names` that cannot be imported."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def run(args: argparse.Namespace) -> None:
     # Before torch loads: idle OpenMP threads sleep instead of spinning, which matters on a shared CPU.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    missing = missing_packages()
+    if missing:
+        sys.exit(f'error: the demo needs {", ".join(missing)} (the train extra): pip install -e ".[train]"')
     from deepseek_vl_hf.demo.pipeline import run_demo
 
     try:
         run_demo(args.out, minutes=args.minutes, ablation=args.ablation, overwrite=args.overwrite, seed=args.seed)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:  # a non-empty --out, --minutes <= 0
         sys.exit(f"error: {exc}")
 
 
