@@ -33,3 +33,11 @@ def test_native_twin_has_our_weights():
 def test_isolated_training_step_reports_time_and_peak_memory():
     result = isolated("bench.training:step_case", config="tiny", native=False, checkpointing=True, steps=1, warmup=0)
     assert result["step_s"] > 0 and result["peak_rss_mib"] >= result["rss_before_mib"] > 0
+
+
+def test_sft_encoding_bench_checks_both_label_paths_agree(capsys):
+    from bench.sft_encoding import main
+
+    main(["--records", "6", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "labels identical" in out and "6 dialogues" in out and "Speed-up: **" in out

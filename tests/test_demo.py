@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ from deepseek_vl_hf.demo.synthetic import COLOURS, KINDS, VISUAL_CATEGORIES, gen
 from deepseek_vl_hf.demo.warmup import read_jsonl
 
 SIZE = 256
+REPO = Path(__file__).resolve().parents[1]
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -218,6 +220,17 @@ def test_demo_model_answers_in_chat_and_in_the_web_chat_turn(demo_run, tmp_path)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == f"Assistant: {greedy.strip()}"
+
+
+def test_readme_python_usage_runs_against_the_demo_model(demo_run, tmp_path):
+    """The README's Python block, as written, from a folder where `demo-run` is the (shortened) demo's output."""
+    out, _ = demo_run
+    block = re.search(r"## Python usage\n\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "demo-run").symlink_to(out)
+    assert (tmp_path / "demo-run" / "data" / "images" / "eval" / "ocr" / "2.png").is_file()
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
 
 
 def test_demo_refuses_a_non_empty_output_folder_and_bad_budgets(demo_run, tmp_path):

@@ -162,21 +162,25 @@ CLEAR_MARGIN = 0.10  # "clearly above": at least 10 points over both the blind b
 
 
 def _verdict(evaluation: dict[str, Any], probes: dict[str, float]) -> str:
-    """Which categories the model answers from the image, said plainly, and where the others stop."""
-    clear = [c for c, v in evaluation["categories"].items()
-             if v["accuracy"] >= max(v["blind"], v["chance"]) + CLEAR_MARGIN]
-    rest = [c for c in evaluation["categories"] if c not in clear]
+    """Which categories and question kinds the model answers from the image, said plainly."""
+    def clear(v: dict[str, float]) -> bool:
+        return v["accuracy"] >= max(v["blind"], v["chance"]) + CLEAR_MARGIN
+
+    above = [c for c, v in evaluation["categories"].items() if clear(v)]
+    below = [c for c in evaluation["categories"] if c not in above]
     text = f"Clearly above the blind baseline and chance (by {100 * CLEAR_MARGIN:.0f}+ points): " + (
-        ", ".join(clear) or "none") + "."
-    if rest:
-        kinds = [k for k in evaluation["kinds"] if k.split("/")[0] in rest]
-        probe = _mean(probes.get(k, 0.0) for k in kinds)
+        ", ".join(above) or "none") + "." + (f" Not: {', '.join(below)}." if below else "")
+    weak = [k for k, v in evaluation["kinds"].items() if not clear(v)]
+    if weak:
+        listing = "; ".join(
+            f"{k} ({_pct(evaluation['kinds'][k]['accuracy'])} with the image, {_pct(evaluation['kinds'][k]['blind'])} "
+            f"blind, stage-0 probe {_pct(probes.get(k))})" for k in weak
+        )
         text += (
-            f" Not (yet): {', '.join(rest)}. The vision towers do encode those answers (stage-0 probes read them at "
-            f"{_pct(probe)} on average, table below), so the limit is the tiny language model learning, within this "
-            "budget, to read them out of the image tokens: it picks up global properties (counts, colours, rows, "
-            "paragraphs) first and the identity of small words, numbers, bar values and angles later. More "
-            "steps (`--minutes`) move these up slowly."
+            f" Question kinds not clearly above: {listing}. A low probe means the vision towers did not learn to "
+            "encode the answer in stage 0; a high one, that the language model has not yet learned to read it from "
+            "the image tokens. Tying a named part (a row, an object, a bar) to its value is what the tiny model "
+            "learns last; in longer runs (`--minutes`) such kinds rise slowly."
         )
     return text
 
