@@ -225,7 +225,8 @@ def _main_sections(metrics: dict[str, Any], plots: Path) -> list[str]:
         f"`{metrics['model']}` is a Hub-ready folder (weights, config, processor, remote code, model card) that loads "
         "with `AutoModelForCausalLM` / `AutoProcessor` and `trust_remote_code=True`:\n\n"
         f"```bash\ndeepseek-vl-hf chat --model {metrics['model']} --image {_example_image(metrics, evaluation)} "
-        f"--prompt \"{evaluation['examples'][0]['question']}\"\ndeepseek-vl-hf serve --model {metrics['model']}\n```",
+        f"--prompt \"{evaluation['examples'][0]['question']}\"\ndeepseek-vl-hf serve --model {metrics['model']}  "
+        "# the web chat; needs pip install -e \".[serve]\"\n```",
     ]
 
 
