@@ -107,11 +107,8 @@ def main(out: Path) -> None:
             "moved": moved,
         }
         (out / "result.json").write_text(json.dumps(result))
-    print('DBG before barrier', rank, flush=True)
     dist.barrier()
-    print('DBG before destroy', rank, flush=True)
     dist.destroy_process_group()
-    print('DBG after destroy', rank, flush=True)
 
 
 if __name__ == "__main__":

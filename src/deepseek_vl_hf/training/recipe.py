@@ -58,7 +58,8 @@ class DataConfig:
     sources: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, EvalSetConfig] = field(default_factory=dict)
     max_length: int = 512
-    group_by_modality: bool = False
+    # each optimizer step all language or all multimodal; unset = on in stage 2 (the paper's section 4.5), else off
+    group_by_modality: bool | None = None
     schedule: dict[str, Any] = field(default_factory=dict)  # `deepseek_vl_hf.data.ModalitySchedule` fields
     seed: int = 0
 
@@ -144,7 +145,25 @@ class Recipe:
             raise RecipeError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.peft.enabled and self.model.init_from is None:
             raise RecipeError("peft needs model.init_from: an adapter belongs to a saved base checkpoint folder")
+        self._resolve_grouping()
         self._check_group_learning_rates()
+
+    def _resolve_grouping(self) -> None:
+        """`data.group_by_modality` unset -> on for stage 2 (as the paper trains it), off for stages 1 and 3;
+        grouping that cannot apply to the rest of the recipe is an error naming both ways out."""
+        data, train = self.data, self.train
+        defaulted = data.group_by_modality is None
+        if defaulted:
+            data.group_by_modality = self.stage == 2
+        if data.group_by_modality and train.dataloader_num_workers and train.gradient_accumulation_steps > 1:
+            why = "(on by default in stage 2)" if defaulted else "(set in the recipe)"
+            raise RecipeError(
+                f"data.group_by_modality {why} cannot apply with train.dataloader_num_workers="
+                f"{train.dataloader_num_workers} and gradient_accumulation_steps={train.gradient_accumulation_steps}: "
+                "loader workers hand out whole mixture steps in turn, which would interleave micro-batches of "
+                "different steps; set gradient_accumulation_steps=1 (raise the batch size instead), "
+                "dataloader_num_workers=0, or data.group_by_modality=false"
+            )
 
     def _check_group_learning_rates(self) -> None:
         named = self.train.group_learning_rates

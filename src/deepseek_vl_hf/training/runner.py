@@ -387,15 +387,6 @@ def _check_data_settings(recipe: Recipe, sources: list[Source]) -> None:
             f"stage {recipe.stage} keeps the language model frozen, so a language-only batch trains nothing: "
             "remove the text sources or make language_model trainable"
         )
-    if (
-        recipe.data.group_by_modality
-        and recipe.train.dataloader_num_workers
-        and recipe.train.gradient_accumulation_steps > 1
-    ):
-        raise RecipeError(
-            "data.group_by_modality with loader workers needs gradient_accumulation_steps=1: workers hand "
-            "out whole mixture steps in turn, which would interleave micro-batches of different steps"
-        )
 
 
 def _check_fsdp(trainer: Trainer, recipe: Recipe, sources: list[Source]) -> None:
