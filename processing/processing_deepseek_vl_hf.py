@@ -24,7 +24,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # The "deepseek" conversation format: "{system}\n\n" (omitted when empty), "User: {text}\n\n",
 # "Assistant: {text}<｜end▁of▁sentence｜>", a generation prompt ends with "Assistant:". The first message may be
-# a system message (else the default system prompt is used); images sit in user turns where the content list
+# a system message (else the default system prompt is used); the official code's roles "User" / "Assistant" are
+# accepted as "user" / "assistant"; images sit in user turns where the content list
 # places them. Consecutive text parts are joined by one space; each turn's text is stripped. What the model
 # learns to write, " {text}<｜end▁of▁sentence｜>" after each "Assistant:", is marked {% generation %}, so
 # `return_assistant_tokens_mask` (TRL's assistant-only loss) and this package's SFT labels find it.
@@ -60,15 +61,16 @@ CHAT_TEMPLATE = (
     "{%- if system_text -%}{{ system_text }}{{ '\\n\\n' }}{%- endif -%}"
     "{%- for message in messages[first:] -%}"
     "{%- set index = loop.index0 + first -%}"
-    "{%- if message['role'] == 'user' -%}{%- set label = 'User' -%}"
-    "{%- elif message['role'] == 'assistant' -%}{%- set label = 'Assistant' -%}"
-    "{%- elif message['role'] == 'system' -%}{{ raise_exception('message ' ~ index ~ ' is a system message: only"
+    "{%- set role = message['role'] | lower if message['role'] in ('User', 'Assistant') else message['role'] -%}"
+    "{%- if role == 'user' -%}{%- set label = 'User' -%}"
+    "{%- elif role == 'assistant' -%}{%- set label = 'Assistant' -%}"
+    "{%- elif role == 'system' -%}{{ raise_exception('message ' ~ index ~ ' is a system message: only"
     " the first message may be one') }}"
-    "{%- else -%}{{ raise_exception('message ' ~ index ~ ' has unknown role ' ~ message['role'] ~ ': use system,"
-    " user or assistant') }}"
+    "{%- else -%}{{ raise_exception('message ' ~ index ~ ' has unknown role ' ~ role ~ ': use system,"
+    " user or assistant (or the official User / Assistant)') }}"
     "{%- endif -%}"
-    "{%- set text = render(message['content'], message['role'], index) -%}"
-    "{%- if text and message['role'] == 'assistant' -%}"
+    "{%- set text = render(message['content'], role, index) -%}"
+    "{%- if text and role == 'assistant' -%}"
     "Assistant:{% generation %} {{ text }}<｜end▁of▁sentence｜>{% endgeneration %}"
     "{%- elif text -%}{{ label }}: {{ text }}"
     "{%- if not loop.last or add_generation_prompt -%}{{ '\\n\\n' }}{%- endif -%}"
