@@ -187,13 +187,22 @@ class RecordTable(Sequence):
     def __getitem__(self, index: int) -> dict:
         try:
             row = self.rows[index]
-            if not isinstance(row, dict):
-                raise _malformed(f"a record must be an object, got {type(row).__name__}")
-            return NORMALISERS[self.kind](row, self.base)
-        except BadRecord as err:
-            return {"_error": f"record {index}: {err.detail}"}
-        except (ValueError, TypeError, AttributeError, KeyError) as err:  # unparsable line, wrong nesting
+        except ValueError as err:  # an unparsable line
             return {"_error": f"record {index}: {err}"}
+        return normalise_row(row, self.kind, self.base, f"record {index}")
+
+
+def normalise_row(row: Any, kind: str, base: Path, where: str) -> dict:
+    """One raw row as the canonical record of `kind` (relative image paths against `base`), or
+    `{"_error": why}` naming `where` the row came from when it cannot be read."""
+    try:
+        if not isinstance(row, dict):
+            raise _malformed(f"a record must be an object, got {type(row).__name__}")
+        return NORMALISERS[kind](row, base)
+    except BadRecord as err:
+        return {"_error": f"{where}: {err.detail}"}
+    except (ValueError, TypeError, AttributeError, KeyError) as err:  # wrong nesting, wrong types
+        return {"_error": f"{where}: {err}"}
 
 
 def open_records(path: str | os.PathLike, kind: str) -> RecordTable:
