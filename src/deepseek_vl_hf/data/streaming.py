@@ -136,7 +136,9 @@ class ShardedStream:
         while len(self._buffer) <= attempt:
             self._buffer.append(next(self._rows))
         index = draw + attempt
-        return normalise_row(self._buffer[attempt], self.kind, self.base, f"{self.path} {self.where} record {index}")
+        return normalise_row(
+            self._buffer[attempt], self.kind, self.base, f"{self.path} {self.where} record {index}"
+        )
 
 
 def _base(path: str, files: list[str]) -> Path:
@@ -149,9 +151,12 @@ def _is_webdataset(files: list[str]) -> bool:
 
 
 def stream_records(path: str, kind: str) -> Iterator[dict]:
-    """One pass over a streaming source in file order, normalised (for checks and eval sets)."""
+    """One pass over a streaming source in file order, normalised (for checks and eval sets); a missing or
+    mixed shard set fails here, not when iterating."""
     files = shard_files(path)
     webdataset, base = _is_webdataset(files), _base(path, files)
-    for index, sample in enumerate(open_stream(files, seed=0, reader=0, readers=1, shuffle_buffer=0)):
-        row = _webdataset_row(sample) if webdataset else sample
-        yield normalise_row(row, kind, base, f"{path} record {index}")
+    stream = open_stream(files, seed=0, reader=0, readers=1, shuffle_buffer=0)
+    return (
+        normalise_row(_webdataset_row(sample) if webdataset else sample, kind, base, f"{path} record {index}")
+        for index, sample in enumerate(stream)
+    )

@@ -9,11 +9,12 @@
 
 Several processes: every process runs `run_stage`. Batches are not dispatched from rank 0 (accelerate's
 default for an `IterableDataset` concatenates the ranks' batches, which fails for padded batches with optional
-`pixel_values`): each process iterates the same seeded mixture and keeps its `per_device_batch_size` slice of
-every `per_device_batch_size x world_size` chunk (accelerate's `IterableDatasetShard`), in order, so one
-optimizer step is exactly `examples_per_step = per_device_batch_size x grad_accum x world_size` consecutive
-mixture examples: the unit `data.group_by_modality` keeps to one modality. The price: each process encodes
-every example and drops the other ranks' (fine on one node; see the data package for per-rank sharding).
+`pixel_values`): every process computes the same seeded mixture plan and reads, decodes and encodes only its
+own slots, the `per_device_batch_size` slice of every `per_device_batch_size x world_size` chunk that
+accelerate's `IterableDatasetShard` would have kept (that wrapper is made a pass-through), so one optimizer
+step is exactly `examples_per_step = per_device_batch_size x grad_accum x world_size` consecutive plan slots:
+the unit `data.group_by_modality` keeps to one modality. A process's data work is its share of the step, not
+the whole step; loader workers split it further (see `deepseek_vl_hf.data.mixture`).
 On GPUs `train.fsdp` (or an accelerate FSDP config) shards with FSDP2; on CPU accelerate ignores FSDP and
 the Trainer runs DDP over gloo.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.data_loader import IterableDatasetShard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -47,6 +49,7 @@ from deepseek_vl_hf.data import (
     encode_record,
     open_records,
 )
+from deepseek_vl_hf.data.streaming import stream_records
 from deepseek_vl_hf.lora import PeftSettings, apply_lora, base_loading_kwargs, save_adapter
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
@@ -141,9 +144,8 @@ def training_arguments(recipe: Recipe, sources: list[Source]) -> TrainingArgumen
         dataloader_pin_memory=torch.accelerator.is_available(),
         accelerator_config={"dispatch_batches": False},
         ddp_find_unused_parameters=text_batches,
-        # Resuming fast-forwards the mixture to the checkpoint's position instead of re-encoding the skipped
-        # batches; with loader workers the stream order depends on the start, so the Trainer replays instead.
-        ignore_data_skip=t.dataloader_num_workers == 0,
+        # Resuming fast-forwards the mixture to the checkpoint's plan position (no batch is re-encoded).
+        ignore_data_skip=True,
         report_to=t.report_to,
         **fsdp_arguments(t),
     )
@@ -189,7 +191,8 @@ def encode_first(source: Source, processor, max_length: int | None, limit: int) 
     """Up to `limit` encoded examples from the start of `source`, bad records skipped; an error naming the
     source and the reasons when it has no usable record (caught here, before any process starts training)."""
     try:
-        table = open_records(source.path, source.kind)
+        read = stream_records if source.streaming else open_records
+        table = read(source.path, source.kind)
     except (OSError, ValueError) as exc:
         raise RecipeError(f"data source {source.name!r}: {exc}") from None
     examples, skipped = [], Counter()
@@ -207,7 +210,7 @@ def encode_first(source: Source, processor, max_length: int | None, limit: int) 
             skipped[exc.reason] += 1
     if not examples:
         raise RecipeError(
-            f"data source {source.name!r} ({source.path}) has no usable record: {len(table)} record(s), "
+            f"data source {source.name!r} ({source.path}) has no usable record: {sum(skipped.values())} record(s), "
             f"skipped by reason {dict(skipped)}; fix the data or remove the source"
         )
     if skipped:
@@ -300,6 +303,15 @@ class StageTrainer(Trainer):
         self.step_decay = step_decay
         self.group_learning_rates = group_learning_rates or {}
         super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The Trainer's loader; a rank-sharded mixture already yields only this rank's examples, so
+        accelerate's `IterableDatasetShard` is made a pass-through instead of slicing them again."""
+        loader = super().get_train_dataloader()
+        shard = getattr(loader, "dataset", None)
+        if isinstance(shard, IterableDatasetShard) and getattr(shard.dataset, "world_size", 1) > 1:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         fresh = self.optimizer is None
@@ -442,8 +454,11 @@ def run_stage(
         group_by_modality=recipe.data.group_by_modality,
         seed=recipe.data.seed,
         max_length=recipe.data.max_length,
+        rank=args.process_index,
+        world_size=args.world_size,
+        micro_batch_size=t.per_device_batch_size,
     )
-    if checkpoint is not None and args.ignore_data_skip:
+    if checkpoint is not None:
         done = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
         train_set.load_state_dict({"position": done * examples_per_step})
     eval_sets = build_eval_sets(recipe.data, processor)
@@ -495,7 +510,7 @@ def run_stage(
             "group_by_modality": recipe.data.group_by_modality,
             "schedule": asdict(train_set.schedule),
             "examples_per_step": examples_per_step,
-            "observed_examples": train_set.observed_shares(),
+            "observed_examples": train_set.plan_counts(trainer.state.global_step * examples_per_step),
         },
         "steps": trainer.state.global_step,
         "max_steps": t.max_steps,
