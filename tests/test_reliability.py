@@ -667,3 +667,77 @@ def test_stage2_groups_by_modality_unless_the_recipe_says_otherwise(tmp_path):
     with pytest.raises(RecipeError, match=r"\(set in the recipe\) cannot apply"):
         load_recipe(recipe, {**workers, "stage": 3, "data.group_by_modality": True})
     assert load_recipe(recipe, {**workers, "data.group_by_modality": False}).data.group_by_modality is False
+
+
+# --- issue 15 item 2: a writer killed between its two renames; fsync before the rename ---------------------
+
+PAUSED_WRITER = r"""
+import sys
+from deepseek_vl_hf.checkpoint import build_random_model, save_checkpoint
+
+model, processor = build_random_model("tiny", seed=1)
+save_checkpoint(model, processor, sys.argv[1], overwrite=True)
+"""
+
+
+def kill_when_paused(command: list[str], point: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> str:
+    """Run `command` with the test pause at `point`, SIGKILL it once it says it is there; return its output."""
+    env = {**(env or os.environ), "DEEPSEEK_VL_HF_TEST_PAUSE": point, "OMP_NUM_THREADS": "2"}
+    log = cwd / f"killed-{time.monotonic_ns()}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while f"paused at {point}" not in log.read_text():
+                assert proc.poll() is None, f"exited {proc.returncode} before {point}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"never reached {point}:\n{log.read_text()[-3000:]}"
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return log.read_text()
+
+
+def test_writer_killed_between_renames_is_recovered_by_the_next_reader_and_writer(tiny_pair, tmp_path):
+    from deepseek_vl_hf.commands.common import load_model_and_processor
+
+    model, processor = tiny_pair
+    target = save_checkpoint(model, processor, tmp_path / "ckpt")
+    before = logits_of(target)
+    kill_when_paused([sys.executable, "-c", PAUSED_WRITER, str(target)], "between-renames ckpt", tmp_path)
+    (aside,) = tmp_path.glob(".ckpt.old-*")  # the window: no folder under the name, the old one aside
+    assert not target.exists()
+    loaded, _ = load_model_and_processor(str(target))  # a reader moves it back
+    assert target.is_dir() and not list(tmp_path.glob(".ckpt.old-*"))
+    assert torch.equal(logits_of(target), before)
+    del loaded
+
+    os.replace(target, aside)  # the same window again; now the next writer finds it first
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_checkpoint(model, processor, target)
+    assert torch.equal(logits_of(target), before) and not list(tmp_path.glob(".ckpt.old-*"))
+    live = tmp_path / f".ckpt.old-{os.getppid()}"  # a writer that still runs is left alone
+    shutil.copytree(target, live)
+    save_checkpoint(model, processor, target, overwrite=True)
+    assert live.is_dir() and not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def test_files_and_folders_are_fsynced_before_the_rename(tiny_pair, tmp_path, monkeypatch):
+    from deepseek_vl_hf import atomic
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src))), real_replace(src, dst))[1])
+    model, processor = tiny_pair
+    with atomic.atomic_directory(tmp_path / "out") as tmp:
+        save_checkpoint(model, processor, tmp / "inner")
+        (tmp / "note.txt").write_text("x")
+    tmp = str(tmp)
+    rename = events.index(("replace", tmp))
+    synced = {path for kind, path in events[:rename] if kind == "fsync"}
+    written = {str(p).replace(str(tmp_path / "out"), tmp, 1) for p in (tmp_path / "out").rglob("*")}
+    assert written and written | {tmp} <= synced
+    assert ("fsync", str(tmp_path)) in events[rename:]  # the rename itself is made durable

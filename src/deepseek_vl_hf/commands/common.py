@@ -30,9 +30,14 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "auto"):
-    """Load a checkpoint folder with the Auto classes + trust_remote_code, as any user would."""
+    """Load a checkpoint folder with the Auto classes + trust_remote_code, as any user would (after moving back
+    a folder a killed writer left aside, see `deepseek_vl_hf.atomic.recover_directory`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from deepseek_vl_hf.atomic import recover_directory
+
+    recover_directory(model_dir)
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtypes[dtype]).to(device)
