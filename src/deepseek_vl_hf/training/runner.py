@@ -54,6 +54,7 @@ from deepseek_vl_hf.lora import PeftSettings, apply_lora, base_loading_kwargs, s
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
 from deepseek_vl_hf.training.callbacks import LanguageRetentionCallback, NonFiniteLossGuard, SigtermCheckpoint
+from deepseek_vl_hf.training.checkpoints import CompleteCheckpoints, last_complete_checkpoint
 from deepseek_vl_hf.training.metadata import read_metadata, write_metadata
 from deepseek_vl_hf.training.recipe import DataConfig, ModelConfig, Recipe, RecipeError, TrainConfig
 from deepseek_vl_hf.training.stages import apply_stage, group_of, trainable_groups
@@ -289,9 +290,10 @@ def split_by_group_lr(
         optimizer.add_param_group(group)
 
 
-class StageTrainer(Trainer):
+class StageTrainer(CompleteCheckpoints, Trainer):
     """The `Trainer` plus the "step" LR schedule (DeepSeek-LLM's multi-step decay) that transformers lacks,
-    and per-group peak learning rates (`train.group_learning_rates`, e.g. a lower one for a vision tower)."""
+    per-group peak learning rates (`train.group_learning_rates`, e.g. a lower one for a vision tower) and
+    checkpoints marked complete (`training.checkpoints`)."""
 
     def __init__(
         self,
@@ -371,9 +373,16 @@ def _check_output_paths(recipe: Recipe, args: TrainingArguments, resume: bool) -
     """Fail before training when the run would clobber or mix with an earlier one; return what to resume."""
     output, checkpoints = Path(recipe.train.output_dir), args.output_dir
     if resume:
-        last = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+        last, skipped = last_complete_checkpoint(checkpoints) if os.path.isdir(checkpoints) else (None, [])
+        for path, reason in skipped:
+            logger.warning("--resume: skipping %s: %s", path, reason)
         if last is None:
-            raise RecipeError(f"--resume: no checkpoint-* folder in {checkpoints} to resume from")
+            raise RecipeError(f"--resume: no complete checkpoint-* folder in {checkpoints} to resume from")
+        logger.warning("--resume: continuing from %s", last)
+        with args.main_process_first():  # the step is redone and saved again; no stale files may mix in
+            if args.process_index == 0:
+                for path, _ in skipped:
+                    shutil.rmtree(path)
         return last
     if output.exists() and any(output.iterdir()) and not recipe.train.overwrite_output:
         raise RecipeError(
