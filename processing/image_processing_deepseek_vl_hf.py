@@ -1,23 +1,20 @@
 """DeepSeek-VL image processor: resize the longest side to `image_size`, pad to a square, rescale to [0, 1].
 
-This follows DeepSeek-VL's preprocessing (bicubic resize with antialiasing, the long side to `image_size`
-and the short side truncated with `int`, at least `min_size`; paste centred on a square canvas of the
-background colour; multiply by `rescale_factor`). The released processors do not normalise: the model
+This follows DeepSeek-VL's preprocessing (PIL's `convert("RGB")`, PIL bicubic resize, the long side to
+`image_size` and the short side truncated with `int`, at least `min_size`; paste centred on a square canvas of
+the background colour; multiply by `rescale_factor`). The released processors do not normalise: the model
 normalises per vision branch.
 
-Hub remote code: imports only the standard library, numpy, PIL, torch and transformers; works on transformers
-4.57.x and 5.x.
+Hub remote code: imports only the standard library, numpy, PIL, torch and transformers, through their public
+APIs; works on transformers 4.57.x and 5.x.
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -33,7 +30,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL's default `Image.MAX_IMAGE_PIXELS`, written out: a changed global setting does not move our limit.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-RESAMPLE_BACKENDS = ("torch", "pil")
+RESAMPLE_BACKENDS = ("pil", "torch")
+ALPHA_MODES = ("drop", "composite")
 SETTING_NAMES = (
     "image_size",
     "min_size",
@@ -43,6 +41,7 @@ SETTING_NAMES = (
     "do_normalize",
     "background_color",
     "resample_backend",
+    "alpha_mode",
     "max_image_pixels",
     "num_workers",
 )
@@ -50,29 +49,6 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _EXIF_ORIENTATION = 0x0112
-# Pillow >= 11.2 can keep an image in one memory block and export it through the Arrow C data interface.
-_NEW_BLOCK = getattr(Image.core, "new_block", None)
-
-
-class _ArrowArray(ctypes.Structure):
-    """`struct ArrowArray` of the Arrow C data interface (arrow.apache.org/docs/format/CDataInterface.html)."""
-
-
-_ArrowArray._fields_ = [
-    ("length", ctypes.c_int64),
-    ("null_count", ctypes.c_int64),
-    ("offset", ctypes.c_int64),
-    ("n_buffers", ctypes.c_int64),
-    ("n_children", ctypes.c_int64),
-    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
-    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
-    ("dictionary", ctypes.c_void_p),
-    ("release", ctypes.c_void_p),
-    ("private_data", ctypes.c_void_p),
-]
-_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", ctypes.pythonapi)
-)
 
 
 class ImageInputError(ValueError):
@@ -161,9 +137,10 @@ def _stretch_to_u8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _to_rgb(
-    image: Image.Image, background: tuple[int, int, int], index: int, path: str | None
+    image: Image.Image, background: tuple[int, int, int], alpha_mode: str, index: int, path: str | None
 ) -> Image.Image:
-    """Any PIL mode to RGB; transparent pixels are composited onto `background`."""
+    """Any PIL mode to RGB. Transparency is dropped as the official `convert("RGB")` does (`alpha_mode` "drop"),
+    or transparent pixels are composited onto `background` ("composite")."""
     mode = image.mode
     try:
         if mode in _SIXTEEN_BIT_MODES:
@@ -176,9 +153,9 @@ def _to_rgb(
             gray = None
         if gray is not None:
             return Image.fromarray(gray, "L").convert("RGB")
-        if mode in _ALPHA_MODES or "transparency" in image.info:
-            if mode == "La":  # premultiplied: PIL converts it only to LA
-                image = image.convert("LA")
+        if mode == "La":  # premultiplied: PIL converts it only to LA
+            image, mode = image.convert("LA"), "LA"
+        if alpha_mode == "composite" and (mode in _ALPHA_MODES or "transparency" in image.info):
             canvas = Image.new("RGBA", image.size, (*background, 255))
             canvas.alpha_composite(image.convert("RGBA"))
             return canvas.convert("RGB")
@@ -209,7 +186,12 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def _finish(
-    image: Image.Image, index: int, path: str | None, background: tuple[int, int, int], max_pixels: int | None
+    image: Image.Image,
+    index: int,
+    path: str | None,
+    background: tuple[int, int, int],
+    max_pixels: int | None,
+    alpha_mode: str,
 ) -> Image.Image:
     """Size check (before decoding), decode, EXIF orientation and RGB conversion of an opened PIL image."""
     width, height = image.size
@@ -225,8 +207,6 @@ def _finish(
             f"max_image_pixels={max_pixels} (decompression-bomb guard)",
             "shrink it beforehand, or, if you trust the file, raise max_image_pixels (None: no limit)",
         )
-    if _NEW_BLOCK is not None and image.format == "JPEG" and image.mode == "RGB" and image.tile:
-        image.im = _NEW_BLOCK(image.mode, image.size)  # decode into one block, which `_pixels` views in place
     try:
         image.load()
     except Exception as err:
@@ -236,11 +216,16 @@ def _finish(
             f"it cannot be decoded, the data is truncated or corrupt ({err})",
             "re-create or re-download the file, or leave it out",
         ) from err
-    return _to_rgb(_upright(image), background, index, path)
+    return _to_rgb(_upright(image), background, alpha_mode, index, path)
 
 
 def _open(
-    source: Any, index: int, path: str | None, background: tuple[int, int, int], max_pixels: int | None
+    source: Any,
+    index: int,
+    path: str | None,
+    background: tuple[int, int, int],
+    max_pixels: int | None,
+    alpha_mode: str,
 ) -> Image.Image:
     """Open an encoded image (file path or binary stream), keep its first frame and return it as RGB."""
     try:
@@ -267,11 +252,15 @@ def _open(
             "check that the file is a readable, undamaged image",
         ) from err
     with image:  # closes the file only: the pixels `_finish` loaded stay usable, no copy needed
-        return _finish(image, index, path, background, max_pixels)
+        return _finish(image, index, path, background, max_pixels, alpha_mode)
 
 
 def _open_path(
-    image: str | os.PathLike, index: int, background: tuple[int, int, int], max_pixels: int | None
+    image: str | os.PathLike,
+    index: int,
+    background: tuple[int, int, int],
+    max_pixels: int | None,
+    alpha_mode: str,
 ) -> Image.Image:
     path = os.fspath(image)
     if isinstance(path, bytes):
@@ -307,7 +296,7 @@ def _open_path(
             "the file is empty (0 bytes)",
             "it was probably not fully written or downloaded: re-create it or leave it out",
         )
-    return _open(path, index, path, background, max_pixels)
+    return _open(path, index, path, background, max_pixels, alpha_mode)
 
 
 def _numpy_to_torch(array: np.ndarray, index: int) -> torch.Tensor:
@@ -348,7 +337,7 @@ def _tensor_to_chw_uint8(tensor: torch.Tensor, index: int, channels_last: bool, 
             None,
             f"the {kind} has {channels} channels (shape {tuple(tensor.shape)}, read as {layout})",
             "give 3 (RGB) or 1 (grayscale) channels in that layout; for an image with alpha pass a PIL RGBA "
-            "image (transparent pixels are composited onto the background)",
+            "image (alpha_mode decides what happens to transparency)",
         )
     if height == 0 or width == 0:
         raise _error(
@@ -394,30 +383,34 @@ def load_image(
     *,
     background_color: tuple[int, int, int] = DEFAULT_BACKGROUND,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    alpha_mode: str = "drop",
 ) -> Image.Image:
     """Load one image as an upright RGB PIL image, or raise an `ImageInputError` that says what is wrong.
 
     Accepts a PIL image, a local file path (str / os.PathLike), encoded bytes, a binary file object, a
     numpy uint8 HWC (or HW) array or a torch CHW (or HW) tensor (uint8, or float in [0, 1]). `index` only
-    labels error messages. Transparent pixels are composited onto `background_color`; a multi-frame file
+    labels error messages. Transparency is dropped (`alpha_mode` "drop", as the official code) or composited onto
+    `background_color` ("composite"); a multi-frame file
     gives its first frame; images over `max_image_pixels` are refused before decoding (None: no limit). An
     RGB PIL image that needs no change is returned as it is (not copied).
     """
     background = _triple("background_color", background_color, int)
+    _check_alpha_mode(alpha_mode)
     if isinstance(image, Image.Image):
-        return _finish(image, index, None, background, max_image_pixels)
+        return _finish(image, index, None, background, max_image_pixels, alpha_mode)
     if isinstance(image, (str, os.PathLike)):
-        return _open_path(image, index, background, max_image_pixels)
+        return _open_path(image, index, background, max_image_pixels, alpha_mode)
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise _error(index, None, "the image bytes are empty", "pass the complete encoded file contents")
-        return _open(io.BytesIO(bytes(image)), index, None, background, max_image_pixels)
+        return _open(io.BytesIO(bytes(image)), index, None, background, max_image_pixels, alpha_mode)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         chw = _array_to_chw_uint8(image, index)
         return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
     if hasattr(image, "read"):
         name = getattr(image, "name", None)
-        return _open(image, index, name if isinstance(name, str) else None, background, max_image_pixels)
+        path = name if isinstance(name, str) else None
+        return _open(image, index, path, background, max_image_pixels, alpha_mode)
     if image is None:
         raise _error(index, None, "it is None", "pass an image, or leave the entry out")
     raise _error(
@@ -440,8 +433,17 @@ class DeepseekVLHFImageProcessorKwargs(ImagesKwargs, total=False):
     min_size: int
     background_color: tuple[int, int, int] | None
     resample_backend: str
+    alpha_mode: str
     max_image_pixels: int | None
     num_workers: int
+
+
+def _check_alpha_mode(alpha_mode: Any) -> None:
+    if alpha_mode not in ALPHA_MODES:
+        raise ValueError(
+            f"alpha_mode must be one of {ALPHA_MODES} ('drop': ignore transparency as the official code does; "
+            f"'composite': blend transparent pixels onto the background colour), got {alpha_mode!r}"
+        )
 
 
 def _triple(name: str, value: Any, kind: type) -> tuple:
@@ -480,6 +482,7 @@ def _validated(settings: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"resample_backend must be one of {RESAMPLE_BACKENDS}, got {s['resample_backend']!r}"
         )
+    _check_alpha_mode(s["alpha_mode"])
     limit = s["max_image_pixels"]
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1
@@ -505,18 +508,27 @@ def _flatten(images: Any) -> list:
 class DeepseekVLHFImageProcessor(BaseImageProcessor):
     r"""Makes DeepSeek-VL `pixel_values`: float32 [N, 3, S, S], in [0, 1] unless `do_normalize`.
 
-    Each image is resized (bicubic, antialiased) so that its longest side is S = `image_size` and its short
-    side is `int(short / long * S)` but at least `min_size`, pasted centred (top/left get the smaller half of
-    the padding) on an S x S canvas of `background_color`, and multiplied by `rescale_factor`.
+    Each image is converted to RGB as the official loader does (PIL `convert("RGB")`: transparency is dropped),
+    resized with PIL's bicubic filter so that its longest side is S = `image_size` and its short side is
+    `int(short / long * S)` but at least `min_size`, pasted centred (top/left get the smaller half of the
+    padding) on an S x S canvas of `background_color`, and multiplied by `rescale_factor`. With the default
+    settings the output equals the official preprocessing bit for bit on 8-bit images.
 
-    Choices beyond the official code (which only handles clean RGB PIL images):
+    Opt-in settings that differ from the official code:
 
-    - Transparent pixels (RGBA, LA, PA, P or RGB/L with a transparency key) are composited onto the padding
-      colour, so they blend with the padding instead of showing whatever colour hides under alpha 0.
+    - `alpha_mode="composite"`: transparent pixels (RGBA, LA, PA, P or RGB/L with a transparency key) are
+      composited onto the padding colour instead of showing whatever colour hides under alpha 0.
+    - `resample_backend="torch"`: torch's uint8 antialiased bicubic, several times faster than PIL's on large
+      images; its integer weights round differently, so about 1% of the values differ by 1 grey level (rarely 2).
+
+    Choices beyond the official code (which only handles clean 8-bit RGB PIL images), always on:
+
     - Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) give their first frame; a PIL image passed in
       gives the frame it is on.
-    - The EXIF orientation tag is applied, so photos come out upright.
-    - 16-bit grayscale (I;16*) is divided by 257 (rounded). 32-bit grayscale (I) is read by its value range:
+    - The EXIF orientation tag is applied, so photos come out upright (the official code shows the model the
+      stored, possibly sideways, pixels).
+    - 16-bit grayscale (I;16*) is divided by 257 (rounded), where PIL's conversion clips every value over 255 to
+      white. 32-bit grayscale (I) is read by its value range:
       0-255 as 8-bit, 0-65535 as 16-bit, anything else stretched from min to max. Float (F) images: [0, 1] is
       multiplied by 255, [0, 255] kept, anything else stretched. Other modes use PIL's conversion to RGB.
     - Encoded images over `max_image_pixels` are refused from their header size, before decoding.
@@ -530,9 +542,11 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         do_normalize (`bool`): subtract `image_mean` and divide by `image_std` (off in the released
             processors: the model normalises per vision branch).
         background_color (3 ints or `None`): padding colour; `None` means `int(m * 255)` for each mean value.
-        resample_backend (`str`): "torch" (default; uint8 antialiased bicubic in torch, faster than PIL and
-            within 1 grey level of it but for a rare few values that differ by 2) or "pil" (PIL's bicubic,
-            exactly as the official code).
+        resample_backend (`str`): "pil" (default; PIL's bicubic, exactly as the official code) or "torch"
+            (uint8 antialiased bicubic in torch: faster, within 1 grey level of PIL but for a rare few values
+            that differ by 2).
+        alpha_mode (`str`): "drop" (default; transparency ignored, as the official `convert("RGB")`) or
+            "composite" (transparent pixels blended onto the padding colour).
         max_image_pixels (`int` or `None`): largest accepted width * height of an encoded image; `None` for no
             limit. PIL's own global limit still applies when opening files.
         num_workers (`int`): threads that load and resize images in parallel; 0 works in the calling thread.
@@ -555,7 +569,8 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         rescale_factor: float = 1 / 255,
         do_normalize: bool = False,
         background_color: tuple[int, int, int] | None = None,
-        resample_backend: str = "torch",
+        resample_backend: str = "pil",
+        alpha_mode: str = "drop",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         num_workers: int = 0,
         **kwargs,
@@ -571,6 +586,7 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
                 "do_normalize": do_normalize,
                 "background_color": background_color,
                 "resample_backend": resample_backend,
+                "alpha_mode": alpha_mode,
                 "max_image_pixels": max_image_pixels,
                 "num_workers": num_workers,
             }
@@ -649,54 +665,43 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
             chw = _array_to_chw_uint8(image, index)
             _paste(slot, _resize(chw, resized_size(*chw.shape[1:], size, min_size)), fill, s["rescale_factor"])
             return
-        pil = load_image(image, index, background_color=fill, max_image_pixels=s["max_image_pixels"])
+        pil = load_image(
+            image, index, background_color=fill, max_image_pixels=s["max_image_pixels"], alpha_mode=s["alpha_mode"]
+        )
         target = resized_size(pil.height, pil.width, size, min_size)
-        if s["resample_backend"] == "pil" and target != (pil.height, pil.width):
+        if target != (pil.height, pil.width) and s["resample_backend"] == "pil":
             pil = pil.resize(target[::-1], Image.Resampling.BICUBIC)
-        with _pixels(pil) as chw:
-            _paste(slot, _resize(chw, target), fill, s["rescale_factor"])
-
-
-@contextmanager
-def _pixels(image: Image.Image) -> Iterator[torch.Tensor]:
-    """An RGB PIL image's pixels as uint8 [C, H, W], RGB first, valid in the `with` block: Pillow >= 11.2 gives
-    its RGBX memory in place (C = 4; copied once into one block if it spans several), older Pillow a copy (C = 3)."""
-    if _NEW_BLOCK is None:
-        yield torch.from_numpy(np.array(image)).permute(2, 0, 1)
-        return
-    core = image.im
-    if not core.isblock():
-        core = _NEW_BLOCK(image.mode, image.size)
-        core.paste(image.im, (0, 0, *image.size))
-    capsule = core.__arrow_c_array__()  # keeps the memory alive until the block ends
-    data = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array")).children[0].contents.buffers[1]
-    width, height = image.size
-    buffer = (ctypes.c_uint8 * (height * width * 4)).from_address(data)
-    yield torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, 4).permute(2, 0, 1)
+        pixels = np.asarray(pil)  # public array interface: one copy of the pixels, HWC uint8
+        if target != pixels.shape[:2]:
+            resized = _resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1), target)
+            pixels = resized.permute(1, 2, 0).numpy()
+        _paste(slot, pixels, fill, s["rescale_factor"])
 
 
 def _resize(chw: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
-    """uint8 [C, H, W] -> uint8 [C, *target], antialiased bicubic (the input itself if it has that size already)."""
+    """uint8 [C, H, W] -> uint8 [C, *target] (channels-last memory), torch's antialiased bicubic."""
     if target == tuple(chw.shape[1:]):
         return chw
-    # channels-last memory takes torch's fast uint8 kernel on any input layout (a view for `_pixels` images).
+    # channels-last memory takes torch's fast uint8 kernel on any input layout.
     batch = chw.unsqueeze(0).contiguous(memory_format=torch.channels_last)
     return F.interpolate(batch, size=target, mode="bicubic", antialias=True, align_corners=False)[0]
 
 
-def _paste(slot: np.ndarray, image: torch.Tensor, fill: tuple[int, int, int], rescale_factor: float) -> None:
-    """Write the background and the centred uint8 `image` ([C, h, w], RGB first) into the float32 [3, S, S] `slot`,
-    rescaled as the reference does (`uint8 -> float64 * factor -> float32`), so the "pil" backend matches it exactly."""
+def _paste(slot: np.ndarray, image: np.ndarray | torch.Tensor, fill: tuple[int, int, int], rescale_factor: float) -> None:
+    """Write the background and the centred uint8 `image` (numpy [h, w, 3] or torch [3, h, w]) into the float32
+    [3, S, S] `slot`, rescaled as the official code does (`uint8 -> float64 * factor -> float32`)."""
     # numpy, single-threaded, is as fast here as torch's threads and never waits for a busy second core.
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).numpy()
     size = slot.shape[-1]
-    height, width = image.shape[-2:]
+    height, width = image.shape[:2]
     top, left = (size - height) // 2, (size - width) // 2
     bottom, right = top + height, left + width
     for channel, value in enumerate(fill):
         plane = slot[channel]
         for band in (plane[:top], plane[bottom:], plane[top:bottom, :left], plane[top:bottom, right:]):
             band.fill(value * rescale_factor)
-    region, pixels = slot[:, top:bottom, left:right], image[:3].numpy()
+    region, pixels = slot[:, top:bottom, left:right], image.transpose(2, 0, 1)
     divisor = _exact_divisor(rescale_factor)
     if divisor is None:
         np.multiply(pixels, rescale_factor, out=region, dtype=np.float64)

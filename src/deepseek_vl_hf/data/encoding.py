@@ -127,7 +127,7 @@ def _all_text_labels(ids: list[int], processor) -> list[int]:
 
 
 def _load_images(refs: list, image_processor) -> list:
-    """Decode the images with the image processor's loader (RGB, upright, alpha on the padding colour)."""
+    """Decode the images with the image processor's loader (RGB, upright, alpha as its `alpha_mode` says)."""
     images = []
     for index, ref in enumerate(refs):
         try:
@@ -137,6 +137,7 @@ def _load_images(refs: list, image_processor) -> list:
                     index,
                     background_color=image_processor.fill_color,
                     max_image_pixels=image_processor.max_image_pixels,
+                    alpha_mode=getattr(image_processor, "alpha_mode", "drop"),
                 )
             )
         except ImageInputError as err:
