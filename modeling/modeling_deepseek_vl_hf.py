@@ -465,7 +465,24 @@ class DeepseekVLHFPreTrainedModel(PreTrainedModel):
             if not isinstance(config, PretrainedConfig):
                 config = cls.config_class.from_pretrained(config or folder)
             cls.check_checkpoint(folder, config, kwargs.get("ignore_mismatched_sizes", False))
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls._with_quantization_skips(kwargs["quantization_config"])
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    # Quantizing loaders (TorchAoConfig, BitsAndBytesConfig) convert only the language model's linear layers: the
+    # vision towers and the adapter keep the compute dtype, as does the LM head (transformers' own default, which an
+    # explicit list replaces). Both name forms: the causal LM's (`model.`-prefixed) and the base model's.
+    _quantization_skip_modules = ("model.vision_model", "model.aligner", "vision_model", "aligner", "lm_head")
+
+    @classmethod
+    def _with_quantization_skips(cls, quantization_config: object) -> object:
+        """A copy of a quantization config object whose unset skip list becomes `_quantization_skip_modules`."""
+        for field in ("modules_to_not_convert", "llm_int8_skip_modules"):
+            if hasattr(quantization_config, field) and getattr(quantization_config, field) is None:
+                quantization_config = copy.copy(quantization_config)
+                setattr(quantization_config, field, list(cls._quantization_skip_modules))
+                break
+        return quantization_config
 
     @classmethod
     def check_checkpoint(
@@ -476,8 +493,8 @@ class DeepseekVLHFPreTrainedModel(PreTrainedModel):
         Raises `CheckpointError`; the model skeleton is built on the meta device, so nothing is allocated.
         """
         found = _checkpoint_tensors(folder)
-        if found is None:
-            return  # no safetensors here: transformers reports what it finds, or misses
+        if found is None or getattr(config, "quantization_config", None) is not None:
+            return  # no safetensors here, or a quantizer's own tensor layout: transformers reports what it finds
         with torch.device("meta"):
             skeleton = cls(copy.deepcopy(config))
         expected = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
