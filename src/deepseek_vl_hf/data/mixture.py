@@ -243,15 +243,18 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def _example(self, source: int, draw: int, lane: int = 0, lanes: int = 1) -> dict[str, Any]:
         """The record of a source's `draw`, encoded; a bad one is replaced by the next one in the same order."""
         spec = self.sources[source]
-        tried = 0
+        tried, replaced = 0, {}
         for index, record in self._candidates(source, draw, lane, lanes):
             tried += 1
             try:
                 example = encode_record(record, spec.kind, self.processor, self.max_length, spec.supervise)
             except BadRecord as err:
                 self._count_skip(spec.name, index, err)
+                replaced[err.reason] = replaced.get(err.reason, 0) + 1
                 continue
             example["source"] = spec.name
+            if replaced:  # counted where the example is trained on (training.bad_records), workers included
+                example["bad_records"] = {spec.name: replaced}
             self.stats["examples"][spec.name] += 1
             return example
         raise RuntimeError(

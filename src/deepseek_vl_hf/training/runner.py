@@ -53,6 +53,8 @@ from deepseek_vl_hf.data.streaming import stream_records
 from deepseek_vl_hf.lora import PeftSettings, apply_lora, base_loading_kwargs, save_adapter
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
+from deepseek_vl_hf.training.bad_records import BATCH_KEY as BAD_RECORDS
+from deepseek_vl_hf.training.bad_records import BadRecordCounter
 from deepseek_vl_hf.training.callbacks import LanguageRetentionCallback, NonFiniteLossGuard, SigtermCheckpoint
 from deepseek_vl_hf.training.checkpoints import CompleteCheckpoints, last_complete_checkpoint
 from deepseek_vl_hf.training.metadata import read_metadata, write_metadata
@@ -236,13 +238,15 @@ def build_eval_sets(data: DataConfig, processor) -> dict[str, list[dict[str, Any
 
 @dataclass
 class SourceTaggingCollator:
-    """`VLCollator` plus `sources`, each example's data source, which the NaN guard reports (and removes)."""
+    """`VLCollator` plus `sources`, each example's data source, which the NaN guard reports (and removes), and
+    `bad_records`, the bad records each example replaced, which `BadRecordCounter` counts (and removes)."""
 
     collator: VLCollator
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(features)
         batch["sources"] = [feature.get("source", "unknown") for feature in features]
+        batch[BAD_RECORDS] = [feature.get(BAD_RECORDS) for feature in features]
         return batch
 
 
@@ -475,6 +479,8 @@ def run_stage(
     guard = NonFiniteLossGuard(t.on_nan)
     guard.attach(model)
     sigterm = SigtermCheckpoint()
+    bad_records = BadRecordCounter.from_checkpoint(checkpoint)
+    bad_records.attach(model)
     pad_id = processor.tokenizer.pad_token_id
     collator = VLCollator(
         pad_token_id=pad_id if pad_id is not None else processor.tokenizer.eos_token_id,
@@ -487,7 +493,7 @@ def run_stage(
         eval_dataset=eval_sets or None,
         data_collator=SourceTaggingCollator(collator),
         processing_class=processor,
-        callbacks=[guard, sigterm, *callbacks],
+        callbacks=[guard, sigterm, bad_records, *callbacks],  # bad_records syncs after sigterm asks to save
         step_decay=(t.step_milestones, t.step_factors) if t.lr_scheduler == "step" else None,
         group_learning_rates=t.group_learning_rates,
     )
@@ -502,6 +508,7 @@ def run_stage(
             "continue with --resume"
         )
     metrics = dict(result.metrics)
+    logger.info("bad records skipped over the run, by source and reason: %s", bad_records.total or "none")
     if eval_sets:
         metrics.update(trainer.evaluate())
 
@@ -524,6 +531,7 @@ def run_stage(
         "steps": trainer.state.global_step,
         "max_steps": t.max_steps,
         "skipped_steps": guard.skipped_steps,
+        "bad_records": bad_records.total,
         "world_size": args.world_size,
         "final_metrics": metrics,
         "attn_implementation": attn_implementation,
