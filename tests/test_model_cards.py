@@ -16,16 +16,17 @@ import yaml
 from deepseek_vl_hf.cards import TrainingMetadataError, format_count, render_card, write_card
 from deepseek_vl_hf.commands import card as card_command
 
-METADATA = {
-    "recipe": "tiny-3stage",
+METADATA = {  # the format `deepseek-vl-hf train` writes (deepseek_vl_hf.training.metadata), the fields the card uses
+    "format_version": 1,
+    "recipe_name": "tiny-3stage",
+    "recipe": {"train": {"learning_rate": 1e-3, "weight_decay": 0.0}},
     "base_model": "deepseek-ai/deepseek-vl-1.3b-base",
     "stages": [
         {"name": "stage1", "trainable": ["aligner"], "steps": 200, "learning_rate": 1e-3, "batch_size": 8,
          "data_mix": {"captions": 0.5, "ocr": 0.5}, "metrics": {"loss": 2.31}},
-        {"name": "stage3", "trainable": ["language_model", "aligner", "siglip"], "steps": 100},
+        {"name": "stage3", "trainable": ["language_model", "aligner", "siglip"], "steps": 100,
+         "data_mix": {"language": 0.7, "multimodal": 0.3}},
     ],
-    "data_mix": {"language": 0.7, "multimodal": 0.3},
-    "hyperparameters": {"optimizer": "adamw", "weight_decay": 0.0},
     "final_metrics": {"eval_loss": 1.9, "vqa_accuracy": 0.41},
 }
 
@@ -77,13 +78,15 @@ def test_training_metadata_sections(folder):
     assert _front_matter(text)["base_model"] == "deepseek-ai/deepseek-vl-1.3b-base"
     assert "Recipe: **tiny-3stage**" in text
     assert "| stage1 | aligner | 200 | 0.001 | 8 | captions: 0.5, ocr: 0.5 | loss: 2.31 |" in text
-    assert "| stage3 | language_model, aligner, siglip | 100 | - | - | - | - |" in text
+    assert "| stage3 | language_model, aligner, siglip | 100 | - | - | language: 0.7, multimodal: 0.3 | - |" in text
     assert "| language | 0.7 |" in text and "| optimizer | adamw |" in text and "| vqa_accuracy | 0.41 |" in text
+    assert "| learning_rate | 0.001 |" in text and "| weight_decay | 0.0 |" in text
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"recipe": None}, "needs a 'recipe'"),
-    ({"lr": 1}, r"unknown key\(s\) \['lr'\]"),
+    ({"recipe_name": None}, "needs a 'recipe_name'"),
+    ({"format_version": 99}, "format_version 99 is not one this version reads"),
+    ({"recipe": "tiny"}, "'recipe' has the wrong type str"),  # the card-only format of old
     ({"stages": [{"name": "s", "steps": "many"}]}, r"stages\[0\]: 'steps' has the wrong type"),
     ({"final_metrics": [1, 2]}, "'final_metrics' has the wrong type"),
 ])

@@ -4,23 +4,10 @@ The card has YAML front matter (license, `library_name`, `pipeline_tag`, `base_m
 snippet with the Auto classes that runs as written against the folder, the architecture summary read from the
 config and the weight headers, and the training sections when the folder holds a `training_metadata.json`.
 
-`training_metadata.json` schema (written by the training code; every key but `recipe` is optional, unknown keys
-are refused so that a typo does not silently vanish from the card):
-
-```
-{
-  "recipe": "tiny-3stage",                    # recipe name
-  "base_model": "deepseek-ai/deepseek-vl-1.3b-base",  # Hub id the training started from
-  "stages": [                                 # in training order
-    {"name": "stage1", "trainable": ["aligner"], "steps": 500, "learning_rate": 1e-3, "batch_size": 8,
-     "data_mix": {"captions": 0.5, "ocr": 0.5}, "metrics": {"loss": 2.31}}   # every key but name optional
-  ],
-  "data_mix": {"language": 0.7, "multimodal": 0.3},   # source -> share, overall
-  "hyperparameters": {"optimizer": "adamw", "weight_decay": 0.0},
-  "final_metrics": {"eval_loss": 1.9, "vqa_accuracy": 0.41},
-  "intended_use": "What the model is for and what it is not."   # a paragraph of its own on the card
-}
-```
+The training sections come from `training_metadata.json` as `deepseek-vl-hf train` writes it, read by the one
+reader, `deepseek_vl_hf.training.metadata.read_metadata` (its docstring has the format): the recipe, the
+stage history (`stages`), the data mix of the last stage, its hyper-parameters and final metrics. A LoRA
+adapter folder (what `train` writes with `peft`) gets the adapter card (`deepseek_vl_hf.lora.adapter_card`).
 """
 
 from __future__ import annotations
@@ -37,15 +24,13 @@ import yaml
 
 from deepseek_vl_hf.conversion.shards import CheckpointReader
 from deepseek_vl_hf.modeling.configuration_deepseek_vl_hf import DeepseekVLHFConfig
+from deepseek_vl_hf.training.metadata import TrainingMetadataError, read_metadata
+
+__all__ = ["TrainingMetadataError", "format_count", "parameter_counts", "render_card", "write_card"]
 
 TEMPLATE = Path(str(importlib.resources.files("deepseek_vl_hf.model_cards") / "README.template.md"))
-TRAINING_METADATA = "training_metadata.json"
 TAGS = ["deepseek-vl", "deepseek-vl-hf", "vision-language", "multimodal", "custom_code"]
 DEEPSEEK_MODEL_LICENSE = "https://github.com/deepseek-ai/DeepSeek-VL/blob/main/LICENSE-MODEL"
-_METADATA_KEYS = {"recipe": str, "base_model": str, "stages": list, "data_mix": dict, "hyperparameters": dict,
-                  "final_metrics": dict, "intended_use": str}
-_STAGE_KEYS = {"name": str, "trainable": list, "steps": int, "learning_rate": (int, float), "batch_size": int,
-               "data_mix": dict, "metrics": dict}
 _COMPONENTS = (
     ("model.vision_model.sam.", "vision, high resolution"),
     ("model.vision_model.siglip.", "vision, low resolution"),
@@ -71,38 +56,6 @@ inputs = processor(text=prompt, images=[image], return_tensors="pt").to(model.de
 with torch.inference_mode():
     output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
 print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])"""
-
-
-class TrainingMetadataError(ValueError):
-    """A `training_metadata.json` that does not follow the schema in this module's docstring."""
-
-
-def _check_fields(data: Any, schema: dict[str, Any], where: str) -> None:
-    if not isinstance(data, dict):
-        raise TrainingMetadataError(f"{where} must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(schema))
-    if unknown:
-        raise TrainingMetadataError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(schema)}")
-    for key, kind in schema.items():
-        value = data.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise TrainingMetadataError(f"{where}: {key!r} has the wrong type {type(value).__name__}")
-
-
-def load_training_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The folder's `training_metadata.json`, checked against the schema; `None` when there is none."""
-    path = Path(folder) / TRAINING_METADATA
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    _check_fields(data, _METADATA_KEYS, TRAINING_METADATA)
-    if not isinstance(data.get("recipe"), str):
-        raise TrainingMetadataError(f"{TRAINING_METADATA} needs a 'recipe' name")
-    for index, stage in enumerate(data.get("stages") or []):
-        _check_fields(stage, _STAGE_KEYS, f"{TRAINING_METADATA} stages[{index}]")
-        if not isinstance(stage.get("name"), str):
-            raise TrainingMetadataError(f"{TRAINING_METADATA} stages[{index}] needs a 'name'")
-    return data
 
 
 def format_count(count: int) -> str:
@@ -155,18 +108,32 @@ def _architecture(config: DeepseekVLHFConfig, counts: dict[str, int]) -> list[di
     return rows
 
 
+_HYPERPARAMETERS = ("learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                    "max_grad_norm", "max_steps", "per_device_batch_size", "gradient_accumulation_steps", "bf16")
+
+
+def _rounded(mapping: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    return [(k, round(v, 4) if isinstance(v, float) else v) for k, v in (mapping or {}).items()]
+
+
 def _training(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's training sections from `train`'s metadata (format: `deepseek_vl_hf.training.metadata`)."""
     if metadata is None:
         return None
     stages = [
         {"name": s["name"], "trainable": ", ".join(s.get("trainable") or []) or "-",
-         "steps": s.get("steps", "-"), "learning_rate": s.get("learning_rate", "-"),
-         "batch_size": s.get("batch_size", "-"), "data_mix": _pairs(s.get("data_mix")), "metrics": _pairs(s.get("metrics"))}
+         "steps": s.get("steps") or "-", "learning_rate": s.get("learning_rate") or "-",
+         "batch_size": s.get("batch_size") or "-", "data_mix": _pairs(s.get("data_mix")), "metrics": _pairs(s.get("metrics"))}
         for s in metadata.get("stages") or []
     ]
+    train = (metadata.get("recipe") or {}).get("train") or {}
+    hyperparameters = metadata.get("hyperparameters") or {
+        "optimizer": "adamw", **{key: train[key] for key in _HYPERPARAMETERS if key in train}}
+    history = metadata.get("stages") or [{}]
     return {
-        "recipe": metadata["recipe"], "base_model": metadata.get("base_model"), "stages": stages,
-        **{key: list((metadata.get(key) or {}).items()) for key in ("data_mix", "hyperparameters", "final_metrics")},
+        "recipe": metadata["recipe_name"], "base_model": metadata.get("base_model"), "stages": stages,
+        "data_mix": list((history[-1].get("data_mix") or {}).items()),  # the last stage's
+        "hyperparameters": _rounded(hyperparameters), "final_metrics": _rounded(metadata.get("final_metrics")),
     }
 
 
@@ -187,9 +154,13 @@ def render_card(
     `deepseek-ai/...` base models, else MIT.
     """
     folder = Path(folder)
+    metadata = read_metadata(folder)
+    if (folder / "adapter_config.json").is_file():
+        from deepseek_vl_hf.lora import adapter_folder_card
+
+        return adapter_folder_card(folder, base_model=base_model, metadata=metadata)
     config = DeepseekVLHFConfig.from_pretrained(folder)
     preprocessor = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
-    metadata = load_training_metadata(folder)
     base_model = base_model or (metadata or {}).get("base_model")
     if license_id is None:
         license_id = "other" if base_model and base_model.startswith("deepseek-ai/") else "mit"

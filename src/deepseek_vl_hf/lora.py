@@ -210,14 +210,31 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
 
 
+def adapter_folder_card(
+    folder: str | os.PathLike, base_model: str | None = None, metadata: Mapping[str, Any] | None = None
+) -> str:
+    """The adapter card of a saved adapter folder (`deepseek-vl-hf card` on a LoRA run's output), from its
+    adapter_config.json and training metadata; no weights are loaded."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(folder))
+    metadata = metadata or {}
+    return adapter_card(
+        config, base_model or config.base_model_name_or_path or "unknown", metadata.get("recipe"),
+        metadata.get("final_metrics"),
+    )
+
+
 def adapter_card(
-    model: PeftModel,
+    model_or_config: PeftModel | Any,
     base_model: str,
     recipe: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> str:
-    """The adapter folder's README.md: base model, data, LoRA settings, recipe, metrics and how to use it."""
-    config = model.peft_config[model.active_adapter]
+    """The adapter folder's README.md: base model, data, LoRA settings, recipe, metrics and how to use it.
+    Takes the PEFT model, or its LoRA config (then the base counts as not quantized)."""
+    model = model_or_config if hasattr(model_or_config, "peft_config") else None
+    config = model.peft_config[model.active_adapter] if model is not None else model_or_config
     recipe = dict(recipe or {})
     sources = (recipe.get("data") or {}).get("sources") or []
     data = (
@@ -233,7 +250,9 @@ def adapter_card(
         f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}; target_modules: "
         f"`{targets}`; modules_to_save: `{sorted(config.modules_to_save or [])}`"
     )
-    quantized = getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+    quantized = (model is not None and getattr(model.get_base_model(), "is_loaded_in_4bit", False)) or bool(
+        (recipe.get("peft") or {}).get("qlora")
+    )
     return Template(_CARD_TEMPLATE.read_text(encoding="utf-8")).substitute(
         base_model=base_model,
         title=recipe.get("name", "LoRA adapter"),

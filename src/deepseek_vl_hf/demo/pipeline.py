@@ -37,7 +37,7 @@ from deepseek_vl_hf.demo.synthetic import generate_dataset, tokenizer_corpus
 from deepseek_vl_hf.demo.warmup import read_jsonl, warm_up
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
-from deepseek_vl_hf.training.metadata import read_metadata
+from deepseek_vl_hf.training.metadata import read_metadata, write_metadata
 from deepseek_vl_hf.training.recipe import load_recipe
 from deepseek_vl_hf.training.runner import run_stage
 from deepseek_vl_hf.training.stages import trainable_groups
@@ -280,7 +280,8 @@ INTENDED_USE = (
 
 
 def card_metadata(run: dict[str, Any], evaluation: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    """`training_metadata.json` in the model card's schema (`deepseek_vl_hf.cards`), for the final folder."""
+    """What the final folder's `training_metadata.json` adds to stage 3's (`deepseek_vl_hf.training.metadata`
+    format): the whole history with stage 0, the demo's evaluation as final metrics, the intended use."""
     stage0 = run["stages"]["stage0"]
     probes = stage0["probe_accuracy"]
     stages = [{
@@ -301,7 +302,7 @@ def card_metadata(run: dict[str, Any], evaluation: dict[str, Any], budget: Budge
     final.update({f"blind_{c}": round(v["blind"], 3) for c, v in evaluation["categories"].items()})
     final["text_accuracy"] = round(run["text_accuracy"]["stage3"]["accuracy"], 3)
     return {
-        "recipe": "deepseek-vl-hf demo: stage 0 warm-up + the paper's stages 1-3 at toy scale, synthetic data",
+        "recipe_name": "deepseek-vl-hf demo: stage 0 warm-up + the paper's stages 1-3 at toy scale, synthetic data",
         "stages": stages,
         "hyperparameters": {
             "optimizer": "adamw", "betas": "0.9, 0.95", "weight_decay": 0.0, "dtype": "float32",
@@ -319,9 +320,7 @@ def export_model(run: dict[str, Any], evaluation: dict[str, Any], budget: Budget
         for path in source.iterdir():
             if path.name != "training_metadata.json" and path.is_file():
                 shutil.copy2(path, tmp / path.name)
-        (tmp / "training_metadata.json").write_text(
-            json.dumps(card_metadata(run, evaluation, budget), indent=2) + "\n", encoding="utf-8"
-        )
+        write_metadata(tmp, **{**read_metadata(source), **card_metadata(run, evaluation, budget)})
         write_card(tmp, model_id=str(target), title="DeepSeek-VL demo model (tiny, synthetic data)")
     return target
 
