@@ -36,15 +36,18 @@ def stream_turn(
         yield [*history, user, {"role": "assistant", "content": "(empty answer)"}]
 
 
-def build_app(model_dir: str, device: str = "cpu", dtype: str = "auto", max_new_tokens: int = 256):
-    """Load `model_dir` and return the web chat as a `gr.Blocks` (not launched); one model serves all sessions."""
+def build_app(
+    model_dir: str, device: str = "cpu", dtype: str = "auto", max_new_tokens: int = 256, quantize: str | None = None
+):
+    """Load `model_dir` (quantized to `quantize` when given) and return the web chat as a `gr.Blocks` (not
+    launched); one model serves all sessions."""
     try:
         import gradio as gr
     except ImportError as exc:
         raise ImportError(SERVE_EXTRA_HINT) from exc
     from deepseek_vl_hf.commands.common import load_model_and_processor
 
-    model, processor = load_model_and_processor(model_dir, device, dtype)
+    model, processor = load_model_and_processor(model_dir, device, dtype, quantize)
 
     def respond(message: dict, history: list[dict], session: ChatSession | None, max_tokens: float,
                 temperature: float, top_p: float) -> Iterator[tuple[list[dict], ChatSession | None, Any]]:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.max_batch_size < 1 or args.max_queue < 0:
         raise SystemExit("deepseek-vl-hf api: --max-batch-size must be >= 1 and --max-queue >= 0")
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype)
+    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantize)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, processor.tokenizer, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000)
     limits = Limits(context_length=model.config.text_config.max_position_embeddings,

@@ -11,7 +11,7 @@ from deepseek_vl_hf.commands.common import add_load_args, load_model_and_process
 def run(args: argparse.Namespace) -> None:
     from deepseek_vl_hf.chat import ChatSession, generation_kwargs
 
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype)
+    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantize)
     session = ChatSession(model, processor, system_prompt=args.system)
     gen = generation_kwargs(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
 

@@ -23,15 +23,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:
-    """The options of `load_model_and_processor`: --model, --device, --dtype."""
+    """The options of `load_model_and_processor`: --model, --device, --dtype, --quantize."""
+    from deepseek_vl_hf.quantization import QUANTIZE_CHOICES
+
     parser.add_argument("--model", required=True, help="checkpoint folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--quantize", default=None, choices=QUANTIZE_CHOICES,
+        help="quantize the language model's linear layers while loading: int8/int4 (CPU, the quant extra), "
+        "bnb-nf4/bnb-int8 (CUDA, the quant-gpu extra)",
+    )
 
 
-def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "auto"):
+def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "auto", quantize: str | None = None):
     """Load a checkpoint folder with the Auto classes + trust_remote_code, as any user would (after moving back
-    a folder a killed writer left aside, see `deepseek_vl_hf.atomic.recover_directory`)."""
+    a folder a killed writer left aside, see `deepseek_vl_hf.atomic.recover_directory`); `quantize` (one of
+    `quantization.QUANTIZE_CHOICES`) quantizes the language model's linear layers while loading."""
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -40,6 +48,14 @@ def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "
     recover_directory(model_dir)
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtypes[dtype]).to(device)
+    if quantize:
+        from deepseek_vl_hf.quantization import load_quantized
+
+        try:
+            model = load_quantized(model_dir, quantize, device, dtypes[dtype])
+        except (ImportError, RuntimeError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtypes[dtype]).to(device)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     return model.eval(), processor

@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> None:
     from deepseek_vl_hf.serve import build_app
 
     try:
-        app = build_app(args.model, args.device, args.dtype, args.max_new_tokens)
+        app = build_app(args.model, args.device, args.dtype, args.max_new_tokens, args.quantize)
     except ImportError as exc:
         raise SystemExit(f"deepseek-vl-hf serve: {exc}") from None
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False)
