@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ["init", "chat", "convert", "card", "train", "merge", "demo", "serve", "api"]
+COMMANDS = ["init", "chat", "convert", "card", "train", "merge", "demo", "serve", "api", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -295,6 +295,10 @@ def render_report(metrics: dict[str, Any], plots: Path) -> str:
     sections = [header]
     if "run" in metrics:
         sections += _main_sections(metrics, plots)
+    if "harness" in metrics:  # added by `deepseek-vl-hf eval --demo` (the eval extra)
+        from deepseek_vl_hf.evaluation.demo import harness_section
+
+        sections.append(harness_section(metrics))
     ablation = metrics.get("ablation")
     if ablation and ablation["name"] == "modality-mix":
         sections.append(_modality_mix_section(ablation, _text_chance(metrics), plots))
