@@ -15,6 +15,13 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 ALIGNER_TYPES = ("hybrid_split_mlp", "mlp")
 FORMAT_VERSION = 1
+# The Auto classes a saved folder maps to the remote code: `AutoModelForImageTextToText` is what
+# `pipeline("image-text-to-text")` loads; `AutoModel` gives the base model (no LM head).
+MODEL_AUTO_MAP = {
+    "AutoModel": "modeling_deepseek_vl_hf.DeepseekVLHFModel",
+    "AutoModelForCausalLM": "modeling_deepseek_vl_hf.DeepseekVLHFForCausalLM",
+    "AutoModelForImageTextToText": "modeling_deepseek_vl_hf.DeepseekVLHFForCausalLM",
+}
 
 
 class DeepseekVLSiglipConfig(PretrainedConfig):
@@ -199,6 +206,18 @@ class DeepseekVLHFConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self._check_token_grids()
+        self._complete_auto_map()
+
+    def _complete_auto_map(self) -> None:
+        """Add the model Auto classes missing from `auto_map`, with the repo prefix ("owner/name--") its other
+        entries use, so a folder saved by an older version still loads with every Auto class."""
+        auto_map = dict(getattr(self, "auto_map", None) or {})
+        known = next(iter(auto_map.values()), "")
+        known = known[0] if isinstance(known, (list, tuple)) else known
+        prefix = known.split("--")[0] + "--" if "--" in (known or "") else ""
+        for auto_class, reference in MODEL_AUTO_MAP.items():
+            auto_map.setdefault(auto_class, prefix + reference)
+        self.auto_map = auto_map
 
     def _check_token_grids(self) -> None:
         if self.sam_config is None:

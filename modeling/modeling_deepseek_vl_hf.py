@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import transformers
 from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.vision_transformer import Block as TimmViTBlock
 from timm.models.vision_transformer_sam import Block as TimmSamBlock
@@ -25,7 +26,11 @@ from timm.models.vision_transformer_sam import get_rel_pos
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, LlamaModel, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 
 from .configuration_deepseek_vl_hf import DeepseekVLHFConfig, DeepseekVLSamConfig, DeepseekVLSiglipConfig
 
@@ -37,6 +42,30 @@ except ImportError:  # transformers 4.x
 # transformers 5 renamed `past_key_values` to `cache` in forward signatures and outputs.
 _LLM_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def _return_dict(config: PretrainedConfig, return_dict: bool | None) -> bool:
+    """`return_dict` as given, else the config's default."""
+    return bool(return_dict if return_dict is not None else getattr(config, "return_dict", True))
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _context_limit(text_config: PretrainedConfig) -> int | None:
+    """The longest sequence the LLM's positions support: `max_position_embeddings`, extended by rope scaling
+    (linear / yarn / longrope: times `factor`; dynamic NTK: no fixed limit -> `None`)."""
+    limit = text_config.max_position_embeddings
+    scaling = getattr(text_config, "rope_scaling", None) or getattr(text_config, "rope_parameters", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return limit
+    if rope_type == "dynamic":
+        return None
+    base = scaling.get("original_max_position_embeddings") or limit
+    return max(limit, int(base * float(scaling.get("factor", 1.0))))
 
 
 def _normalize(pixel_values: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -154,6 +183,14 @@ class _CheckpointedBlocks(nn.Module):
 class DeepseekVLSiglipBlock(TimmViTBlock):
     """timm ViT block (pre-norm, exact GELU); a named subclass so FSDP auto-wrap can target it."""
 
+    def attention_weights(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's softmax attention `[B, heads, T, T]` for its input `hidden` `[B, T, C]` (eager maths)."""
+        attn = self.attn
+        batch, tokens, _ = hidden.shape
+        qkv = attn.qkv(self.norm1(hidden)).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        return torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+
 
 # Bytes of SAM's relative-position attention bias built at a time. The full bias of a global block is
 # [heads, 4096, 4096] (805 MB in fp32): built whole it is written to freshly mapped pages every block (page faults
@@ -181,12 +218,19 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
 
 
 def _rel_pos_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: int,
+    eager: bool = False,
 ) -> torch.Tensor:
     """SAM attention with decomposed relative positions over `grid` x `grid` tokens, `[G, heads, grid^2, dim]`.
 
     Equals `softmax(q k^T / sqrt(dim) + bias) v` with `bias[i, j] = q_i . R_h[row_i, row_j] + q_i . R_w[col_i,
-    col_j]` (timm's `get_decomposed_rel_pos_bias`), with the bias built and used chunk by chunk.
+    col_j]` (timm's `get_decomposed_rel_pos_bias`), with the bias built and used chunk by chunk. `eager` always
+    takes the written-out math path (the model's "eager" attention implementation).
     """
     groups, heads, tokens, dim = q.shape
     r_q = q.reshape(groups, heads, grid, grid, dim)
@@ -195,7 +239,8 @@ def _rel_pos_attention(
     steps = _chunk_steps(groups, heads, grid, grid * tokens * q.element_size())
     track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
     # On CPU, SDPA with a bias that needs gradients takes its math path: written out, it skips three passes.
-    attention = _math_attention if track_grad and q.device.type == "cpu" else F.scaled_dot_product_attention
+    math_path = eager or (track_grad and q.device.type == "cpu")
+    attention = _math_attention if math_path else F.scaled_dot_product_attention
 
     def attend(gs: slice, hs: slice, rows: slice, buffer: torch.Tensor | None) -> torch.Tensor:
         """Attention of query rows `rows`, groups `gs`, heads `hs`; the bias goes into `buffer` when one is given."""
@@ -229,7 +274,10 @@ class DeepseekVLSamBlock(TimmSamBlock):
 
     `forward` computes what timm's does, reorganised for speed: the relative-position bias is built in chunks
     (`_rel_pos_attention`), and windowed blocks project q/k/v and the output on the unpadded tokens only.
+    `eager_attention` (set by the encoder from its config's attention implementation) forces the math path.
     """
+
+    eager_attention = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
@@ -237,7 +285,9 @@ class DeepseekVLSamBlock(TimmSamBlock):
         qkv = self.attn.qkv(self.norm1(x))
         if self.window_size == 0:  # global attention over the (square) token grid
             q, k, v = qkv.view(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, height)
+            out = _rel_pos_attention(
+                q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, height, eager=self.eager_attention
+            )
             out = out.transpose(1, 2).reshape(batch, height, width, channels)
         else:
             out = self._window_attention(qkv, self.window_size)
@@ -261,7 +311,7 @@ class DeepseekVLSamBlock(TimmSamBlock):
         rows, cols = padded_h // size, padded_w // size
         windows = qkv.view(batch, rows, size, cols, size, 3, heads, -1).permute(5, 0, 1, 3, 6, 2, 4, 7)
         q, k, v = windows.reshape(3, batch * rows * cols, heads, size * size, -1).unbind(0)
-        out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, size)
+        out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, size, eager=self.eager_attention)
         out = out.view(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(batch, padded_h, padded_w, channels3 // 3)[:, :height, :width]
 
@@ -292,10 +342,30 @@ class DeepseekVLSiglipEncoder(_CheckpointedBlocks):
         self.norm = norm_layer(config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.patch_embed(pixel_values) + self.pos_embed
+        return self.forward_with_states(pixel_values).last_hidden_state
+
+    def forward_with_states(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPast:
+        """`last_hidden_state [B, T, C]` after the final LayerNorm; `hidden_states` (embeddings + each kept block)
+        and `attentions` (`[B, heads, T, T]` per block) when asked for. `config._attn_implementation == "eager"`
+        runs timm's unfused attention, anything else its SDPA path."""
+        fused = getattr(self.config, "_attn_implementation", None) != "eager"
+        hidden = self.patch_embed(pixel_values) + self.pos_embed.to(pixel_values.device)
+        all_hidden = [hidden] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for block in self.blocks:
+            block.attn.fused_attn = fused
+            if output_attentions:
+                all_attentions.append(block.attention_weights(hidden))
             hidden = self._run_block(block, hidden)
-        return self.norm(hidden)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
 
 
 class DeepseekVLSamEncoder(_CheckpointedBlocks):
@@ -357,7 +427,9 @@ class DeepseekVLSamEncoder(_CheckpointedBlocks):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.patch_embed(pixel_values) + self.pos_embed
         hd_hidden = None
+        eager = getattr(self.config, "_attn_implementation", None) == "eager"
         for index, block in enumerate(self.blocks):
+            block.eager_attention = eager
             hidden = self._run_block(block, hidden)
             if index == self.config.hd_block_index:
                 hd_hidden = hidden
@@ -384,6 +456,13 @@ class DeepseekVLVisionEncoder(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        low, high = self.encode(pixel_values)
+        return low.last_hidden_state, high
+
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
+        """The SigLIP branch's outputs (with its hidden states / attentions when asked for) and the SAM tokens."""
         # Resize and normalise in fp32, then cast to the towers' dtype: [0, 1] pixels cast to bf16 first lose
         # precision that the normalisation then amplifies (as a processor that normalises in fp32 does not).
         dtype, pixels = self.siglip.pos_embed.dtype, pixel_values.float()
@@ -391,7 +470,11 @@ class DeepseekVLVisionEncoder(nn.Module):
         low_input = pixels
         if pixels.shape[-1] != siglip_cfg.image_size:
             low_input = _resize_fp32(pixels, siglip_cfg.image_size, antialias=True)
-        low = self.siglip(_normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std).to(dtype))
+        low = self.siglip.forward_with_states(
+            _normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std).to(dtype),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         high = None
         if self.sam is not None:
             sam_cfg = self.config.sam_config
@@ -429,6 +512,14 @@ class DeepseekVLAligner(nn.Module):
 
 
 @dataclass
+class DeepseekVLHFModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` of the LLM plus `image_hidden_states`: the adapter outputs `[num_images, T, hidden]`
+    of the images merged in this call (`None` when there were none)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
 class DeepseekVLHFCausalLMOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus `image_hidden_states`: the adapter outputs `[num_images, T, hidden]`."""
 
@@ -448,6 +539,10 @@ class DeepseekVLHFPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True
     _supports_static_cache = True
+    _supports_flex_attn = True
+    # The forward has no data-dependent Python branches once compiling (the input checks run eagerly only).
+    _can_compile_fullgraph = True
+    input_modalities = ("image", "text")
 
     @classmethod
     def from_pretrained(
@@ -505,19 +600,10 @@ class DeepseekVLHFPreTrainedModel(PreTrainedModel):
             found = {prefix + key: value for key, value in found.items()}
         elif not head_model and prefixed:  # a full checkpoint loaded as the base model: the head is left out
             found = {key[len(prefix) :]: value for key, value in found.items() if key.startswith(prefix)}
-        missing = expected.keys() - found.keys()
-        if missing:
-            raise CheckpointError(
-                f"{folder}: the checkpoint lacks {len(missing)} tensor(s) that config.json implies: "
-                f"{_listed(list(missing))}; {_CHECK_CONFIG}"
-            )
-        unexpected = found.keys() - expected.keys()
-        if unexpected:
-            raise CheckpointError(
-                f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) that config.json does not: "
-                f"{_listed(list(unexpected))} (in {found[min(unexpected)][1]}); {_CHECK_CONFIG}"
-            )
-        wrong = [key for key, shape in expected.items() if found[key][0] != shape]
+        # Missing tensors are initialised and unexpected ones dropped by transformers, which reports both (its load
+        # report; `missing_keys` / `unexpected_keys` with `output_loading_info=True`), e.g. a base-model save loaded
+        # with a head to train.
+        wrong = [key for key, shape in expected.items() if key in found and found[key][0] != shape]
         if wrong and not ignore_mismatched_sizes:
             details = "; ".join(
                 f"{key} is {list(found[key][0])} in {found[key][1]}, config.json implies {list(expected[key])}"
@@ -553,46 +639,85 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[N, 3, S, S]` pixels in [0, 1] -> adapter outputs `[N, num_image_tokens, hidden]`."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Encode images: `[N, 3, S, S]` pixels in [0, 1] -> `BaseModelOutputWithPooling` whose `pooler_output` holds
+        the adapter outputs `[N, num_image_tokens, hidden]` (what replaces the image tokens), `last_hidden_state` the
+        SigLIP tokens `[N, T, C]`, and `hidden_states` / `attentions` of the SigLIP tower when asked for."""
         expected = self.config.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (expected, expected):
             raise ValueError(
                 f"pixel_values must have shape [num_images, 3, {expected}, {expected}], got {tuple(pixel_values.shape)}; "
                 "prepare images with this model's image processor"
             )
-        low, high = self.vision_model(pixel_values)
-        return self.aligner(low, high)
+        low, high = self.vision_model.encode(
+            pixel_values,
+            output_hidden_states=bool(output_hidden_states if output_hidden_states is not None
+                                      else self.config.output_hidden_states),
+            output_attentions=bool(output_attentions if output_attentions is not None
+                                   else self.config.output_attentions),
+        )
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=low.last_hidden_state,
+            pooler_output=self.aligner(low.last_hidden_state, high),
+            hidden_states=low.hidden_states,
+            attentions=low.attentions,
+        )
+        return outputs if _return_dict(self.config, return_dict) else outputs.to_tuple()
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` True at image tokens: from `input_ids`, or (without them) where `inputs_embeds` equals the
+        image token's embedding, as `generate(inputs_embeds=...)` and TRL pass them."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
     def _merge_image_features(
-        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        image_mask: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor,
+        **image_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each image's adapter outputs over its image tokens, in text order."""
-        if input_ids is None:
-            if pixel_values is not None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens; pass input_ids")
-            return inputs_embeds, None
-        image_mask = input_ids == self.config.image_token_id
-        n_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            if n_tokens:
+        per_image, n_images = self.config.num_image_tokens, pixel_values.shape[0]
+        if not _is_compiling():
+            n_tokens = int(image_mask.sum())
+            if n_tokens != n_images * per_image:
                 raise ValueError(
-                    f"input_ids contain {n_tokens} image tokens (id {self.config.image_token_id}) but no pixel_values "
-                    "were given; pass the images the processor prepared"
+                    f"the inputs contain {n_tokens} image tokens but {n_images} image(s) were given, which need "
+                    f"{n_images} x {per_image} = {n_images * per_image}; every <image_placeholder> in the prompt must "
+                    "match one image, expanded by the processor"
                 )
-            return inputs_embeds, None
-        per_image = self.config.num_image_tokens
-        n_images = pixel_values.shape[0]
-        if n_tokens != n_images * per_image:
-            raise ValueError(
-                f"input_ids contain {n_tokens} image tokens but {n_images} image(s) were given, which need "
-                f"{n_images} x {per_image} = {n_images * per_image}; every <image_placeholder> in the prompt must "
-                "match one image, expanded by the processor"
-            )
-        image_features = self.get_image_features(pixel_values)
+        image_features = self.get_image_features(pixel_values, return_dict=True, **image_kwargs).pooler_output
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features.reshape(-1, inputs_embeds.shape[-1])), image_features
+
+    def _check_inputs(self, image_mask: torch.Tensor | None, pixel_values, past: int, new: int) -> None:
+        """Clear errors for real mistakes, run outside compilation only: over-long sequences, and image tokens
+        in a prompt with neither images nor a cache that already holds them."""
+        limit = _context_limit(self.config.text_config)
+        if limit is not None and past + new > limit:
+            raise ValueError(
+                f"the sequence is {past + new} tokens ({past} cached + {new} new), over the model's context length "
+                f"{limit} (max_position_embeddings, with rope scaling if configured); shorten the prompt (the "
+                "processor's max_length/truncation) or generate fewer new tokens"
+            )
+        if pixel_values is None and not past and image_mask is not None and bool(image_mask.any()):
+            raise ValueError(
+                f"the inputs contain {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) but no "
+                "pixel_values were given; pass the images the processor prepared"
+            )
 
     def forward(
         self,
@@ -603,38 +728,57 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
-        """Returns the LLM's `BaseModelOutputWithPast` and the image features (or `None`)."""
+    ) -> DeepseekVLHFModelOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`[B, L]`): token ids; each image is `num_image_tokens` consecutive `image_token_id`s.
+            pixel_values (`[N, 3, S, S]`): the images in [0, 1], in the order their tokens appear (row by row).
+            inputs_embeds (`[B, L, hidden]`): instead of `input_ids`; image positions are where the embedding
+                equals the image token's.
+
+        Returns: `DeepseekVLHFModelOutputWithPast` (`last_hidden_state [B, L, hidden]`, the cache, the LLM's
+        `hidden_states` / `attentions` when asked for, `image_hidden_states [N, T, hidden]`), or its tuple when
+        `return_dict=False`.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        kwargs.pop("return_dict", None)  # always a ModelOutput (which also indexes like a tuple)
         cache = kwargs.pop("cache", None)
         if cache is None:
             cache = past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past = 0 if cache is None else cache.get_seq_length()
-        new, limit = inputs_embeds.shape[1], self.config.text_config.max_position_embeddings
-        if past + new > limit:
-            raise ValueError(
-                f"the sequence is {past + new} tokens ({past} cached + {new} new), over the model's context length "
-                f"max_position_embeddings={limit}; shorten the prompt (the processor's max_length/truncation) or "
-                "generate fewer new tokens"
-            )
+        image_mask = None
+        if pixel_values is not None or input_ids is not None:
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        if not _is_compiling():
+            past = 0 if cache is None else int(cache.get_seq_length())
+            self._check_inputs(image_mask, pixel_values, past, inputs_embeds.shape[1])
         image_features = None
-        if pixel_values is not None or not past:  # decode steps have no images: skip the image-token check
-            inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+        if pixel_values is not None:
+            inputs_embeds, image_features = self._merge_image_features(image_mask, inputs_embeds, pixel_values)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
             **{_LLM_CACHE_ARG: cache},
             **kwargs,
         )
-        return outputs, image_features
+        result = DeepseekVLHFModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD, None)},
+        )
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
 
 class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
@@ -649,7 +793,10 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
     ```
     """
 
-    _tied_weights_keys = []
+    # transformers 5 maps tied parameters to their source; 4.x lists them (tied when `tie_word_embeddings`).
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.language_model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
+    )
 
     def __init__(self, config: DeepseekVLHFConfig):
         super().__init__(config)
@@ -672,9 +819,9 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.model.language_model
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[N, 3, S, S]` pixels in [0, 1] -> adapter outputs `[N, num_image_tokens, hidden]`."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """The base model's `get_image_features`: `pooler_output` holds the adapter outputs `[N, T, hidden]`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(
         self,
@@ -688,8 +835,11 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> DeepseekVLHFCausalLMOutput:
+    ) -> DeepseekVLHFCausalLMOutput | tuple:
         r"""
         Args:
             input_ids (`[B, L]`): token ids; each image is `num_image_tokens` consecutive `image_token_id`s.
@@ -698,9 +848,10 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all).
 
         Returns: `DeepseekVLHFCausalLMOutput` with `logits [B, L, vocab]`, the loss when labels are given, the
-        cache, and `image_hidden_states [N, T, hidden]`.
+        cache, the LLM's hidden states / attentions when asked for, and `image_hidden_states [N, T, hidden]`; its
+        tuple when `return_dict=False`.
         """
-        outputs, image_features = self.model(
+        outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
@@ -708,6 +859,9 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
             past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -716,23 +870,22 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return DeepseekVLHFCausalLMOutput(
+        result = DeepseekVLHFCausalLMOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_hidden_states=outputs.image_hidden_states,
             **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD, None)},
         )
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, inputs_embeds=None, **kwargs):
-        """Pixel values go to the model on the prefill step only; later steps read the image from the cache."""
+        """Pixel values go to the model on the prefill step only (the first iteration, or any call whose cache is
+        still empty, as assisted decoding makes); later steps read the image from the cache."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        if "is_first_iteration" in kwargs:
-            prefill = bool(kwargs["is_first_iteration"])
-        else:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            prefill = cache is None or cache.get_seq_length() == 0
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = bool(kwargs.get("is_first_iteration")) or cache is None or cache.get_seq_length() == 0
         if prefill or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
         else:
@@ -741,7 +894,7 @@ class DeepseekVLHFForCausalLM(DeepseekVLHFPreTrainedModel, GenerationMixin):
 
 
 DeepseekVLHFModel.register_for_auto_class("AutoModel")
-DeepseekVLHFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DeepseekVLHFForCausalLM.register_for_auto_class("AutoModelForCausalLM")  # the config adds the other Auto classes
 # transformers' generation loop reads `forward`'s signature at every step for remote-code models: a precomputed
 # signature makes that lookup free (it was ~2% of a decode step with a small LLM).
 DeepseekVLHFForCausalLM.forward.__signature__ = inspect.signature(DeepseekVLHFForCausalLM.forward)
@@ -749,8 +902,10 @@ DeepseekVLHFForCausalLM.forward.__signature__ = inspect.signature(DeepseekVLHFFo
 __all__ = [
     "CheckpointError",
     "DeepseekVLAligner",
+    "DeepseekVLHFCausalLMOutput",
     "DeepseekVLHFForCausalLM",
     "DeepseekVLHFModel",
+    "DeepseekVLHFModelOutputWithPast",
     "DeepseekVLHFPreTrainedModel",
     "DeepseekVLSamEncoder",
     "DeepseekVLSiglipEncoder",

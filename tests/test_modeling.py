@@ -28,7 +28,7 @@ def test_forward_shapes(fixture, request):
     assert out.logits.shape == (2, input_ids.shape[1], cfg.text_config.vocab_size)
     assert out.image_hidden_states.shape == (4, cfg.num_image_tokens, cfg.text_config.hidden_size)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    features = model.get_image_features(pixel_values)
+    features = model.get_image_features(pixel_values).pooler_output
     torch.testing.assert_close(features, out.image_hidden_states)
 
 
@@ -145,9 +145,9 @@ def test_generate_uses_pixels_only_on_prefill(tiny_pair, monkeypatch):
     calls = []
     original = model.model.get_image_features
 
-    def spy(pv):
+    def spy(pv, **kwargs):
         calls.append(pv.shape[0])
-        return original(pv)
+        return original(pv, **kwargs)
 
     monkeypatch.setattr(model.model, "get_image_features", spy)
     out = model.generate(

@@ -399,14 +399,6 @@ SINGLE_FILE_FAULTS = {
         r"1 tensor shape\(s\) do not match: model\.aligner\.layers\.1\.weight is \[128, 64\] in .*model\.safetensors, "
         r"config\.json implies \[128, 128\]; check that config\.json belongs to these weights",
     ),
-    "missing key": (
-        lambda p: rewrite(p, lambda t: t.pop("model.aligner.layers.1.weight")),
-        r"ckpt: the checkpoint lacks 1 tensor\(s\) that config\.json implies: model\.aligner\.layers\.1\.weight",
-    ),
-    "unexpected key": (
-        lambda p: rewrite(p, lambda t: t.update({"model.extra.weight": torch.zeros(2)})),
-        r"ckpt: the checkpoint holds 1 tensor\(s\) that config\.json does not: model\.extra\.weight \(in .*model\.safetensors\)",
-    ),
 }
 
 
@@ -480,11 +472,6 @@ def test_good_checkpoints_load_and_the_check_follows_the_class(tiny_pair, tiny_d
         loaded = DeepseekVLHFForCausalLM.from_pretrained(folder)
         assert all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())
     assert isinstance(DeepseekVLHFModel.from_pretrained(tiny_dir), DeepseekVLHFModel)
-    folder = copy_of(tiny_dir, tmp_path)
-    rewrite(folder / "model.safetensors", lambda t: t.pop("model.aligner.layers.1.weight"))
-    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\) that config\.json implies: aligner\.layers\.1\.weight"):
-        DeepseekVLHFModel.from_pretrained(folder)
-    shutil.rmtree(folder)
     folder = copy_of(tiny_dir, tmp_path)
     rewrite(folder / "model.safetensors", narrow_adapter)
     loaded = DeepseekVLHFForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True)
