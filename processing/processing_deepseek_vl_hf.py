@@ -80,9 +80,19 @@ CHAT_TEMPLATE = (
 )
 
 
-# Text kwargs that transformers' apply_chat_template may pass and that change nothing here: BOS is always
-# added once by the processor, and masks are always returned.
-_IGNORED_TEXT_KWARGS = ("add_special_tokens", "return_attention_mask", "return_dict")
+# Keywords of transformers' processor contract (`ProcessorMixin.__call__` / `apply_chat_template`, 4.57 and 5.x)
+# that change nothing here. `add_special_tokens`: BOS is added once, always (the chat template does not write it,
+# and DeepSeek-VL always starts with it; a text that already starts with BOS gets no second one), so TRL's
+# `add_special_tokens=False` still trains on the sequences inference sees. `return_token_type_ids` and
+# `sanitize_control_tokens` are accepted when off.
+_IGNORED_TEXT_KWARGS = ("add_special_tokens", "return_dict", "verbose", "return_overflowing_tokens")
+_OFF_ONLY_KWARGS = {
+    "return_token_type_ids": "DeepSeek-VL's LLM takes no token type ids",
+    "sanitize_control_tokens": "this processor does not mark control tokens; leave sanitize_control_tokens off",
+    "return_special_tokens_mask": "this processor returns no special-tokens mask",
+}
+# transformers groups processor keywords by modality; they are flattened here.
+_NESTED_KWARGS = ("text_kwargs", "images_kwargs", "common_kwargs", "processor_kwargs")
 
 
 class ProcessorInputError(ValueError):
@@ -208,9 +218,15 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         images=None,
         padding: bool | str = True,
-        padding_side: str = "left",
-        truncation: bool = False,
+        padding_side: str | None = None,
+        truncation: bool | str | None = False,
         max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        return_mm_token_type_ids: bool = False,
+        return_length: bool = False,
         return_tensors: str | None = "pt",
         videos=None,
         audio=None,
@@ -220,11 +236,33 @@ class DeepseekVLHFProcessor(ProcessorMixin):
 
         The length limit is `max_length`, else the tokenizer's `model_max_length` (when set). Over-long sequences
         raise an error unless `truncation=True`; truncation cuts before any image whose tokens would not fit
-        whole and drops that image and the ones after it.
+        whole and drops that image and the ones after it. `padding`: True / "longest" pads to the longest text,
+        "max_length" to `max_length`, False / "do_not_pad" needs equal lengths; `pad_to_multiple_of` rounds the
+        width up; `padding_side` defaults to left (batched generation). Optional outputs: `offset_mapping` (each
+        token's character span in its text; an image's tokens all span its placeholder), `text_replacement_offsets`
+        (empty: placeholders expand into tokens, never into text, so spans need no shift; what transformers' and
+        TRL's assistant masks read), `mm_token_type_ids` (1 at image tokens) and `length`.
         """
         if videos is not None or audio is not None:
             raise ProcessorInputError("DeepSeek-VL takes text and images only, not videos or audio")
+        for name in _NESTED_KWARGS:
+            nested = kwargs.pop(name, None) or {}
+            if not isinstance(nested, dict):
+                raise TypeError(f"{name} must be a dict of keyword arguments, got {type(nested).__name__}")
+            kwargs.update(nested)
+        named = {"padding": padding, "padding_side": padding_side, "truncation": truncation, "max_length": max_length,
+                 "pad_to_multiple_of": pad_to_multiple_of, "return_tensors": return_tensors}
+        for key in named.keys() & kwargs.keys():  # given again inside a nested dict
+            named[key] = kwargs.pop(key)
+        for key, flag in (("return_attention_mask", return_attention_mask),
+                          ("return_offsets_mapping", return_offsets_mapping),
+                          ("return_text_replacement_offsets", return_text_replacement_offsets),
+                          ("return_mm_token_type_ids", return_mm_token_type_ids), ("return_length", return_length)):
+            named[key] = kwargs.pop(key, flag)
         image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_SETTING_NAMES}
+        for key, reason in _OFF_ONLY_KWARGS.items():
+            if kwargs.pop(key, None):
+                raise ProcessorInputError(f"{key}=True is not supported: {reason}")
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_TEXT_KWARGS)
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {unknown} for DeepseekVLHFProcessor")
@@ -234,12 +272,14 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ProcessorInputError("text must be a string or a non-empty list of strings")
         per_text_images = self._split_images(texts, images)
+        max_length, truncation = named["max_length"], named["truncation"]
+        truncation = truncation not in (False, None, "do_not_truncate")
         limit_name = "max_length"
         if max_length is None and self.tokenizer.model_max_length < 1e7:  # transformers' "unset" is 1e30
             max_length, limit_name = int(self.tokenizer.model_max_length), "the tokenizer's model_max_length"
-        sequences, kept_images = [], []
+        sequences, offsets, kept_images = [], [], []
         for index, (item, text_images) in enumerate(zip(texts, per_text_images)):
-            ids, kept = self.encode_text(item, max_length if truncation else None)
+            ids, kept, spans = self.encode_text(item, max_length if truncation else None, return_offsets=True)
             if max_length is not None and not truncation and len(ids) > max_length:
                 raise ProcessorInputError(
                     f"text {index} is {len(ids)} tokens long (images expanded), over {limit_name}={max_length}; "
@@ -247,26 +287,63 @@ class DeepseekVLHFProcessor(ProcessorMixin):
                     "through an image"
                 )
             sequences.append(ids)
+            offsets.append(spans)
             kept_images += text_images[:kept]
-        data = self._pad(sequences, padding, padding_side)
+        data = self._pad(sequences, offsets, named, max_length)
         if kept_images:
             data["pixel_values"] = self.image_processor(kept_images, return_tensors="pt", **image_kwargs)["pixel_values"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data=data, tensor_type=named["return_tensors"])
 
-    def _pad(self, sequences: list[list[int]], padding: bool | str, side: str) -> dict:
+    def _pad(self, sequences: list[list[int]], offsets: list[list[tuple[int, int]]], options: dict,
+             max_length: int | None) -> dict:
+        """Pad to one width (see `__call__` for the options) and build the requested per-token outputs."""
+        side = options["padding_side"] or "left"
         if side not in ("left", "right"):
             raise ProcessorInputError(f"padding_side must be 'left' or 'right', got {side!r}")
-        if (not padding or padding == "do_not_pad") and len({len(s) for s in sequences}) > 1:
-            raise ProcessorInputError("texts of different lengths need padding=True to form one batch")
-        width = max(len(s) for s in sequences)
-        input_ids, attention_mask = [], []
-        for seq in sequences:
-            pad = [self.pad_token_id] * (width - len(seq))
-            mask = [1] * len(seq)
-            zeros = [0] * len(pad)
-            input_ids.append(pad + seq if side == "left" else seq + pad)
-            attention_mask.append(zeros + mask if side == "left" else mask + zeros)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        padding = options["padding"]
+        padding = getattr(padding, "value", padding)  # transformers' PaddingStrategy enum
+        longest = max(len(s) for s in sequences)
+        if padding in (False, None, "do_not_pad"):
+            if len({len(s) for s in sequences}) > 1:
+                raise ProcessorInputError("texts of different lengths need padding=True to form one batch")
+            width = longest
+        elif padding == "max_length":
+            if options["max_length"] is None and max_length is None:
+                raise ProcessorInputError("padding='max_length' needs max_length=N (or the tokenizer's model_max_length)")
+            width = max(longest, options["max_length"] or max_length)
+        elif padding in (True, "longest"):
+            width = longest
+        else:
+            raise ProcessorInputError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        multiple = options["pad_to_multiple_of"]
+        if multiple:
+            width = -(-width // multiple) * multiple
+        image_id = self.image_token_id
+        columns: dict[str, list] = {"input_ids": []}
+        if options["return_attention_mask"] is not False:
+            columns["attention_mask"] = []
+        if options["return_offsets_mapping"]:
+            columns["offset_mapping"] = []
+        if options["return_mm_token_type_ids"]:
+            columns["mm_token_type_ids"] = []
+
+        def padded(values: list, fill) -> list:
+            pad = [fill] * (width - len(values))
+            return pad + values if side == "left" else values + pad
+
+        for seq, spans in zip(sequences, offsets):
+            columns["input_ids"].append(padded(seq, self.pad_token_id))
+            if "attention_mask" in columns:
+                columns["attention_mask"].append(padded([1] * len(seq), 0))
+            if "offset_mapping" in columns:
+                columns["offset_mapping"].append(padded([list(span) for span in spans], [0, 0]))
+            if "mm_token_type_ids" in columns:
+                columns["mm_token_type_ids"].append(padded([int(t == image_id) for t in seq], 0))
+        if options["return_text_replacement_offsets"]:
+            columns["text_replacement_offsets"] = [[] for _ in sequences]
+        if options["return_length"]:
+            columns["length"] = [len(seq) for seq in sequences]
+        return columns
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual, then write the tokenizer config in the form both transformers 4.x and 5.x read."""
