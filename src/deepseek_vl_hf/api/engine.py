@@ -68,6 +68,8 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._finished = 0
+        self._cancelled = 0
         self._thread = threading.Thread(target=self._run, name="deepseek-vl-hf-generation", daemon=True)
 
     # -- called from the server -------------------------------------------------------------------------------
@@ -99,7 +101,9 @@ class Engine:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._active), "queued": len(self._pending)}
+        """Jobs in the batch and waiting now; jobs finished and cancelled (client gone) so far."""
+        return {"running": len(self._active), "queued": len(self._pending), "finished": self._finished,
+                "cancelled": self._cancelled}
 
     # -- the worker thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -116,7 +120,9 @@ class Engine:
                 new = []
                 while self._pending and len(self._active) + len(new) < self.max_batch_size:
                     job = self._pending.popleft()
-                    if not job.cancelled:
+                    if job.cancelled:
+                        self._cancelled += 1
+                    else:
                         new.append(job)
             batch = self._active + new
             try:
@@ -192,6 +198,7 @@ class Engine:
         done: set[int] = set()
         for row, job in enumerate(jobs):
             if job.cancelled:
+                self._cancelled += 1
                 done.add(id(job))
                 continue
             token = self._choose(job, logits[row])
@@ -223,14 +230,14 @@ class Engine:
         if hits:
             text, finish = text[: min(hits)], "stop"
         if finish is None:
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-                text = text[:-1]
+            text = text.rstrip("\ufffd")  # maybe an incomplete UTF-8 character: wait for its other bytes
             if sampling.stop:  # hold back what could be the start of a stop string
                 text = text[: max(len(job.sent), len(text) - max(map(len, sampling.stop)) + 1)]
         if len(text) > len(job.sent) and text.startswith(job.sent):
             job.sink(("delta", text[len(job.sent):]))
             job.sent = text
         if finish is not None:
+            self._finished += 1
             job.sink(("done", finish, job.prompt_tokens, len(job.tokens)))
         return finish is not None
 

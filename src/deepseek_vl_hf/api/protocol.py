@@ -114,8 +114,8 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        first = max(exc.errors(), key=lambda error: len(error["loc"]))  # the most specific one
+        where = _location(first["loc"])
         if first["type"] == "extra_forbidden":
             message = f"unknown field '{where}': this server does not support it; leave it out"
         elif where == "n":
@@ -123,6 +123,19 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         else:
             message = f"invalid field '{where}': {first['msg']}"
         raise ApiError(400, message, param=where) from None
+
+
+def _location(loc: tuple) -> str:
+    """An error location as a dotted field path, without the union members pydantic names in it ("str",
+    "list[...]", and a content part's type tag right after its index)."""
+    parts = []
+    for position, part in enumerate(loc):
+        if isinstance(part, str) and ("[" in part or part == "str"):
+            continue
+        if part in ("text", "image_url") and position and isinstance(loc[position - 1], int) and position + 1 < len(loc):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def image_source(url: str, index: int, limits: Limits) -> bytes | str:

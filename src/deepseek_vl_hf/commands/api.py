@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from deepseek_vl_hf.commands.common import add_load_args
 
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> None:
                     max_image_bytes=args.max_image_bytes, allow_local_files=args.allow_local_files)
     app = build_app(model, processor, name, engine, limits)
     print(f"serving {args.model} as '{name}' on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn drains on SIGTERM, then re-sends the signal to the handler it found: a no-op one makes the drained
+    # shutdown a clean exit (status 0) instead of a death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
 
