@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 
 from .fixtures import build_ours, chat_batch, native_inputs, to_native
-from .harness import Row, combined_cpu_wall, interleaved, time_row
+from .harness import Row, Target, combined_cpu_wall, interleaved, time_row
 
 TITLE = "Full forward and greedy generation, small LLM (fp32)"
+TARGETS = (
+    Target("full forward no slower than native", ": forward", 1.0),
+    Target("prefill no slower than native", ": prefill", 1.0),
+    Target("decode tokens/s at least native's", ": decode", 1.0),
+)
+LOGIT_TOLERANCE = 1e-4  # max abs logit difference, ours vs native, fp32
 
 
 def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
@@ -20,14 +26,14 @@ def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], tokens: in
     return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
 
-def run(quick: bool) -> list[Row]:
+def run(mode: str) -> list[Row]:
     """Forward ms, prefill ms and decode tokens/s per batch size, with output agreement in the notes."""
-    ours, processor = build_ours("small-llm")
+    ours, processor = build_ours("tiny" if mode == "smoke" else "small-llm")
     native = to_native(ours)
-    new_tokens = 16 if quick else 32
-    repeats = 3 if quick else 5
+    new_tokens = {"full": 32, "quick": 16, "smoke": 4}[mode]
+    repeats = {"full": 5, "quick": 3, "smoke": 1}[mode]
     rows = []
-    for batch in (1, 8):
+    for batch in (1, 2) if mode == "smoke" else (1, 8):
         ours_in = dict(chat_batch(processor, batch))
         native_in = native_inputs(ours_in, ours)
 
@@ -49,7 +55,8 @@ def run(quick: bool) -> list[Row]:
         same = torch.equal(t["ours:generate"].result, t["native:generate"].result)
         case = f"batch {batch} ({length} tokens{', left-padded' if batch > 1 else ''})"
         rows.append(time_row(f"{case}: forward", t["ours:forward"], t["native:forward"],
-                             note=f"max abs logit diff {diff:.1e}"))
+                             note=f"max abs logit diff {diff:.1e} (<= {LOGIT_TOLERANCE:g} wanted)",
+                             correct=diff <= LOGIT_TOLERANCE))
         rows.append(time_row(f"{case}: prefill", t["ours:prefill"], t["native:prefill"]))
         speeds = {}
         for side in ("ours", "native"):
@@ -57,5 +64,6 @@ def run(quick: bool) -> list[Row]:
             speeds[side] = batch * (new_tokens - 1) / extra
         cpu_wall = combined_cpu_wall(*(t[f"{side}:generate"] for side in ("ours", "native")))
         rows.append(Row(f"{case}: decode", "tokens/s", speeds["ours"], speeds["native"], cpu_wall,
-                        higher_is_better=True, note=f"{new_tokens} new tokens, same tokens: {'yes' if same else 'NO'}"))
+                        higher_is_better=True, note=f"{new_tokens} new tokens, same tokens: {'yes' if same else 'NO'}",
+                        correct=same))
     return rows

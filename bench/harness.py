@@ -1,8 +1,13 @@
-"""Timing helpers shared by all benchmarks: interleaved medians, cpu/wall, result rows, isolated subprocesses.
+"""Timing helpers shared by all benchmarks: interleaved medians, cpu/wall, result rows, targets, machine checks,
+isolated subprocesses.
 
 Every comparison runs its contenders round-robin in one process (the starting contender rotates each round),
 so a neighbour stealing CPU slows all sides alike; `cpu/wall` (process CPU seconds over wall seconds) says how
 much of the requested threads the run actually got (2.0 = two quiet cores).
+
+The section contract (what `python -m bench` runs; see bench/README.md): a module `bench/NAME.py` listed in
+`bench.__main__.SECTIONS` with `TITLE: str`, `run(mode: str) -> list[Row]` for `mode` in `MODES`, and optionally
+`LABELS` (the two contenders' column names, default ours/native) and `TARGETS` (`Target`s judged on its rows).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+# full: the published figures; quick: fewer repeats (a few minutes); smoke: tiny sizes, one repeat, for CI
+# (checks that every row appears and its correctness check holds; its timings mean nothing).
+MODES = ("full", "quick", "smoke")
 _RESULT_MARK = "BENCH-RESULT "
 
 
@@ -83,7 +91,12 @@ def combined_cpu_wall(*timings: Timing) -> float:
 
 @dataclass
 class Row:
-    """One comparison: `ours` and `native` in `unit`; `ratio` is always ours' time over native's (< 1: ours faster)."""
+    """One comparison: `ours` and `native` in `unit`; `ratio` is always ours' time over native's (< 1: ours faster).
+
+    `like_for_like`: both sides produce the same outputs with the same threads (only such rows are headlines and
+    are judged against targets). `correct`: the row's correctness check (same tokens, outputs within tolerance...)
+    held (True), failed (False) or the row has none (None); the smoke test fails on False.
+    """
 
     case: str
     unit: str
@@ -92,31 +105,64 @@ class Row:
     cpu_wall: float
     higher_is_better: bool = False
     note: str = ""
+    like_for_like: bool = True
+    correct: bool | None = None
 
     @property
     def ratio(self) -> float:
         return self.native / self.ours if self.higher_is_better else self.ours / self.native
 
 
-def time_row(case: str, ours: Timing, native: Timing, unit: str = "ms", scale: float = 1000.0, note: str = "") -> Row:
-    """A row of median times (seconds times `scale`, in `unit`) for two timings of one interleaved run."""
-    return Row(case, unit, ours.median * scale, native.median * scale, combined_cpu_wall(ours, native), note=note)
+def time_row(
+    case: str, ours: Timing, native: Timing, unit: str = "ms", scale: float = 1000.0, note: str = "", **flags: Any
+) -> Row:
+    """A row of median times (seconds times `scale`, in `unit`) for two timings of one interleaved run; `flags`
+    are `Row`'s `like_for_like` / `correct`."""
+    return Row(case, unit, ours.median * scale, native.median * scale, combined_cpu_wall(ours, native), note=note,
+               **flags)
 
 
-def format_table(title: str, rows: list[Row]) -> str:
-    """A markdown table of rows under a `### title` heading."""
-    lines = [
-        f"### {title}",
-        "",
-        "| case | ours | native | ours/native | cpu/wall | note |",
-        "|---|---|---|---|---|---|",
+@dataclass(frozen=True)
+class Target:
+    """A goal on the ratio of a section's like-for-like rows whose case contains `select` ("" = all of them):
+    met when every such row's ratio is at most `max_ratio`."""
+
+    name: str
+    select: str
+    max_ratio: float
+
+    def judge(self, rows: list[Row]) -> dict[str, Any]:
+        """`{"target", "met", "detail"}`; a target with no row to judge is not met, and says so."""
+        chosen = [row for row in rows if row.like_for_like and self.select in row.case]
+        if not chosen:
+            return {"target": self.name, "met": False, "detail": f"no like-for-like row matches {self.select!r}"}
+        worst = max(chosen, key=lambda row: row.ratio)
+        detail = (f"ratio <= {self.max_ratio:g} wanted; {len(chosen)} row(s) {min(r.ratio for r in chosen):.2f}-"
+                  f"{worst.ratio:.2f}, worst: {worst.case}")
+        return {"target": self.name, "met": worst.ratio <= self.max_ratio, "detail": detail}
+
+
+def format_table(title: str, rows: list[Row], labels: tuple[str, str] = ("ours", "native")) -> str:
+    """A markdown table of rows under a `### title` heading: like-for-like rows first, then the others."""
+    first, second = labels
+    header = [
+        f"| case | {first} | {second} | {first}/{second} | cpu/wall | check | note |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row.case} | {_number(row.ours)} {row.unit} | {_number(row.native)} {row.unit} | "
-            f"**{row.ratio:.2f}** | {row.cpu_wall:.2f} | {row.note} |"
-        )
-    return "\n".join(lines)
+    lines = [f"### {title}", ""]
+    for group, heading in ((True, ""), (False, "Not like for like (different outputs or threads; not judged):")):
+        chosen = [row for row in rows if row.like_for_like == group]
+        if not chosen:
+            continue
+        lines += ([heading, ""] if heading else []) + header
+        for row in chosen:
+            check = {None: "", True: "ok", False: "**FAILED**"}[row.correct]
+            lines.append(
+                f"| {row.case} | {_number(row.ours)} {row.unit} | {_number(row.native)} {row.unit} | "
+                f"**{row.ratio:.2f}** | {row.cpu_wall:.2f} | {check} | {row.note} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def _number(value: float) -> str:
@@ -137,10 +183,9 @@ def machine_info() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return "\n".join(
         [
-            f"- CPU: {model}, {cores} cores available, torch threads: {THREADS}",
+            f"- CPU: {model}, {_cores()} cores available, torch threads: {THREADS}",
             f"- Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"transformers {transformers.__version__}, timm {timm.__version__}, Pillow {PIL.__version__}",
         ]
@@ -167,6 +212,45 @@ def machine_check(seconds: float = 0.5) -> float:
         for _ in range(8):
             a @ a
     return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+@dataclass
+class MachineCheck:
+    """What a table was measured on and how busy the machine was around it: cores, torch threads, torch version,
+    the 1-minute load average and the `machine_check` cpu/wall before and after the section."""
+
+    cores: int
+    threads: int
+    torch: str
+    load_before: float
+    cpu_wall_before: float
+    load_after: float = 0.0
+    cpu_wall_after: float = 0.0
+
+    @classmethod
+    def start(cls) -> MachineCheck:
+        import torch
+
+        return cls(_cores(), THREADS, torch.__version__, os.getloadavg()[0], machine_check())
+
+    def finish(self) -> MachineCheck:
+        self.load_after, self.cpu_wall_after = os.getloadavg()[0], machine_check()
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        """Other work competed for the cores: a check below 85% of the threads, or more load than cores."""
+        return min(self.cpu_wall_before, self.cpu_wall_after) < 0.85 * self.threads or self.load_before > self.cores
+
+    def line(self) -> str:
+        state = "LOADED (other jobs competed for the cores: timings are not conclusive)" if self.loaded else "quiet"
+        return (f"machine check: {self.cores} cores, {self.threads} torch threads, torch {self.torch}; load average "
+                f"{self.load_before:.1f} before / {self.load_after:.1f} after; cpu/wall {self.cpu_wall_before:.2f} "
+                f"before / {self.cpu_wall_after:.2f} after (about {self.threads} when quiet): {state}")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def isolated(target: str, **kwargs: Any) -> dict[str, Any]:

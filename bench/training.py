@@ -47,12 +47,17 @@ def step_case(config: str, native: bool, checkpointing: bool, steps: int, warmup
     return {"step_s": statistics.median(walls), "cpu_wall": sum(cpus) / sum(walls), "rss_before_mib": rss_before}
 
 
-def run(quick: bool) -> list[Row]:
+def run(mode: str) -> list[Row]:
     """samples/s and peak RSS for each case, ours against native."""
-    plans = {"tiny": (2, 8 if quick else 20), "mid": (1, 3 if quick else 8)}
-    cases = [(config, checkpointing) for config in plans for checkpointing in (False, True)]
+    plans = {
+        "full": {"tiny": (2, 20), "mid": (1, 8)},
+        "quick": {"tiny": (2, 8), "mid": (1, 3)},
+        "smoke": {"tiny": (0, 1)},
+    }[mode]
+    options = (True,) if mode == "smoke" else (False, True)
+    cases = [(config, checkpointing) for config in plans for checkpointing in options]
     results: dict[tuple[str, bool, bool], list[dict[str, float]]] = {}
-    for round_index in range(1 if quick else 3):
+    for round_index in range(3 if mode == "full" else 1):
         for config, checkpointing in cases:
             warmup, steps = plans[config]
             for native in (False, True) if round_index % 2 == 0 else (True, False):
