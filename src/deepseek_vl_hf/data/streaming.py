@@ -115,7 +115,7 @@ class ShardedStream:
         for epoch in count():
             self.stream.set_epoch(epoch)
             empty = True
-            for sample in self.stream:
+            for sample in _samples(self.stream):
                 empty = False
                 yield _webdataset_row(sample) if webdataset else sample
             if empty:
@@ -141,6 +141,13 @@ class ShardedStream:
         )
 
 
+def _samples(stream) -> Iterator[dict]:
+    """The stream's records one by one. Through `iter(batch_size=1)`: iterating the dataset itself inside a
+    data-loader worker would make `datasets` split it between the workers again, on top of our lanes."""
+    for batch in stream.iter(batch_size=1):
+        yield {key: values[0] for key, values in batch.items()}
+
+
 def _base(path: str, files: list[str]) -> Path:
     """The folder relative image paths in the records are resolved against."""
     return Path(path).resolve() if Path(path).is_dir() else Path(files[0]).resolve().parent
@@ -158,5 +165,5 @@ def stream_records(path: str, kind: str) -> Iterator[dict]:
     stream = open_stream(files, seed=0, reader=0, readers=1, shuffle_buffer=0)
     return (
         normalise_row(_webdataset_row(sample) if webdataset else sample, kind, base, f"{path} record {index}")
-        for index, sample in enumerate(stream)
+        for index, sample in enumerate(_samples(stream))
     )
