@@ -198,6 +198,7 @@ def read_native(folder: str | os.PathLike) -> tuple[DeepseekVLHFConfig, Deepseek
         image_mean=getattr(native_ip, f"{prefix}image_mean"), image_std=getattr(native_ip, f"{prefix}image_std"),
         rescale_factor=native_ip.rescale_factor, do_normalize=False,
         background_color=getattr(native_ip, f"{prefix}background_color"),
+        resample_backend="pil", alpha_mode="drop",  # the official preprocessing the native port reproduces
     )
     processor = DeepseekVLHFProcessor(
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens,

@@ -39,7 +39,7 @@ OFFICIAL_TOWERS: dict[str, dict[str, Any]] = {
 }
 OFFICIAL_ALIGNERS = {"low_high_hybrid_split_mlp_gelu": "hybrid_split_mlp", "mlp_gelu": "mlp"}
 # `CLIPVisionTower`'s defaults for tower params a config leaves out; `MlpProjector`'s default depth.
-_TOWER_DEFAULTS = {"image_size": 336, "select_layer": -2}
+_TOWER_DEFAULTS = {"image_size": 336, "select_layer": -2, "select_feature": "patch"}
 _ALIGNER_DEFAULT_DEPTH = 1
 # Bookkeeping keys of a serialised LlamaConfig that are not model settings.
 _NOT_LLAMA_SETTINGS = ("model_type", "torch_dtype", "dtype", "transformers_version", "architectures", "_name_or_path")
@@ -60,6 +60,16 @@ def _tower(params: dict[str, Any], kind: str) -> dict[str, Any]:
         raise ConversionError(
             f"unsupported {kind} tower model_name {name!r}; known: {known}. For other shapes pass overrides "
             f"(--set {kind}_config.hidden_size=... etc.)"
+        )
+    # The official SigLIP tower forces select_feature "same"; on SAM's [b, 1024, 24, 24] output "patch" drops
+    # feature channel 0 and the aligner's 1024-wide projection then fails; "same" and "cls_patch" keep everything.
+    select_feature = params.get("select_feature", _TOWER_DEFAULTS["select_feature"])
+    if kind == "sam" and select_feature not in ("same", "cls_patch"):
+        raise ConversionError(
+            f"the SAM tower has select_feature {select_feature!r} (the official default when the key is missing is "
+            "'patch'): the official code then drops the first of SAM's 1024 feature channels and fails in the "
+            "aligner; only 'same' (what the released checkpoints use) or 'cls_patch' (the same features) can run. "
+            "Set select_feature to 'same' in config.json"
         )
     tree = dict(OFFICIAL_TOWERS[name])
     tree["image_size"] = params.get("image_size", _TOWER_DEFAULTS["image_size"])
@@ -82,6 +92,12 @@ def official_config_tree(raw: dict[str, Any]) -> dict[str, Any]:
     vision = raw.get("vision_config", {})
     cls, params = vision.get("cls", ""), vision.get("params", {})
     if "HybridVisionTower" in cls:
+        concat = params.get("concat_type", "tuple")
+        if concat != "tuple":
+            raise ConversionError(
+                f"HybridVisionTower concat_type {concat!r} is not supported; the released checkpoints (and this "
+                "model) use 'tuple' (SAM and SigLIP features projected separately, then joined by the aligner)"
+            )
         sam, siglip = _tower(params["high_res_cfg"], "sam"), _tower(params["low_res_cfg"], "siglip")
     elif "CLIPVisionTower" in cls:
         sam, siglip = None, _tower(params, "siglip")
@@ -106,7 +122,14 @@ def _config(raw: dict[str, Any], overrides: dict[str, Any] | None) -> DeepseekVL
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     config = DeepseekVLHFConfig(**tree)
-    n_embed = raw["aligner_config"].get("params", {}).get("n_embed")
+    aligner = raw["aligner_config"].get("params", {})
+    input_dim = aligner.get("input_dim")
+    if input_dim is not None and input_dim != config.siglip_config.hidden_size:
+        raise ConversionError(
+            f"aligner input_dim {input_dim} differs from the vision towers' feature width "
+            f"{config.siglip_config.hidden_size}"
+        )
+    n_embed = aligner.get("n_embed")
     if n_embed is not None and n_embed != config.text_config.hidden_size:
         raise ConversionError(
             f"aligner n_embed {n_embed} differs from the language model's hidden_size {config.text_config.hidden_size}"
@@ -115,7 +138,8 @@ def _config(raw: dict[str, Any], overrides: dict[str, Any] | None) -> DeepseekVL
 
 
 def _image_processor(raw: dict[str, Any], config: DeepseekVLHFConfig) -> DeepseekVLHFImageProcessor:
-    """`preprocessor_config.json` of `VLMImageProcessor` -> ours (same resize, padding and rescaling)."""
+    """`preprocessor_config.json` of `VLMImageProcessor` -> ours, reproducing it exactly: PIL's bicubic resize and
+    alpha dropped as the official loader's `convert("RGB")` (written out, so that the folder says so)."""
     if raw.get("image_size") != config.image_size:
         raise ConversionError(
             f"preprocessor_config.json has image_size {raw.get('image_size')}, the model takes {config.image_size}"
@@ -132,6 +156,8 @@ def _image_processor(raw: dict[str, Any], config: DeepseekVLHFConfig) -> Deepsee
         rescale_factor=raw.get("rescale_factor", 1 / 255),
         do_normalize=raw.get("do_normalize", True),
         background_color=background,
+        resample_backend="pil",
+        alpha_mode="drop",
     )
 
 
@@ -144,6 +170,11 @@ def read_official(
     processor_raw = _read_json(folder, "processor_config.json")
     if processor_raw.get("sft_format", "deepseek") != "deepseek":
         raise ConversionError(f"unsupported sft_format {processor_raw['sft_format']!r}; only 'deepseek' is known")
+    if processor_raw.get("add_special_token", False):
+        raise ConversionError(
+            "processor_config.json has add_special_token true: the official processor then keeps the image tag next to "
+            "its 576 image tokens and its masks no longer match (it cannot run such a model either); set it to false"
+        )
     if processor_raw.get("num_image_tokens", config.num_image_tokens) != config.num_image_tokens:
         raise ConversionError(
             f"processor_config.json has num_image_tokens {processor_raw['num_image_tokens']}, the vision tower "

@@ -190,9 +190,48 @@ def test_unknown_tower_name_asks_for_overrides(random_pair, tmp_path):
     (source / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConversionError, match="unsupported siglip tower model_name 'siglip_huge_patch14_224'"):
         read_official(source)
-    with pytest.raises(ConversionError, match="shape mismatch"):  # released shapes vs tiny tensors, no overrides
+    # released shapes vs tiny tensors, no overrides: the aligner's input width already disagrees
+    with pytest.raises(ConversionError, match="aligner input_dim 64 differs from the vision towers' feature width 1024"):
         (source / "config.json").write_text(json.dumps(official_config(model.config)))
         convert_official(source, tmp_path / "out")
+
+
+def _edited_config(source, edit) -> None:
+    raw = json.loads((source / "config.json").read_text())
+    edit(raw)
+    (source / "config.json").write_text(json.dumps(raw))
+
+
+def test_official_config_fields_are_honoured_or_rejected(tmp_path):
+    """select_feature: the official SigLIP tower forces 'same' (so any value converts), SAM's 'patch' (also the
+    default when the key is missing) would drop a feature channel: rejected; concat_type other than 'tuple',
+    add_special_token true and a mismatching aligner input_dim are rejected with the reason."""
+    model, processor = build_random_model("tiny", seed=0)
+    overrides = tiny_official_overrides("tiny")
+    source = write_official_folder(model, processor, tmp_path / "official", shards=1)
+    params = lambda raw: raw["vision_config"]["params"]  # noqa: E731
+    _edited_config(source, lambda raw: params(raw)["low_res_cfg"].update(select_feature="patch"))
+    assert read_official(source, overrides)[0].num_image_tokens == model.config.num_image_tokens
+    _edited_config(source, lambda raw: params(raw)["high_res_cfg"].update(select_feature="patch"))
+    with pytest.raises(ConversionError, match="SAM tower has select_feature 'patch'.*Set select_feature to 'same'"):
+        read_official(source, overrides)
+    _edited_config(source, lambda raw: params(raw)["high_res_cfg"].pop("select_feature"))
+    with pytest.raises(ConversionError, match="default when the key is missing is 'patch'"):
+        read_official(source, overrides)
+    _edited_config(source, lambda raw: params(raw)["high_res_cfg"].update(select_feature="cls_patch"))
+    read_official(source, overrides)
+    _edited_config(source, lambda raw: params(raw).update(concat_type="sequence"))
+    with pytest.raises(ConversionError, match="concat_type 'sequence' is not supported"):
+        read_official(source, overrides)
+    _edited_config(source, lambda raw: params(raw).update(concat_type="tuple"))
+    _edited_config(source, lambda raw: raw["aligner_config"]["params"].update(input_dim=32))
+    with pytest.raises(ConversionError, match="aligner input_dim 32 differs"):
+        read_official(source, overrides)
+    _edited_config(source, lambda raw: raw["aligner_config"]["params"].update(input_dim=64))
+    processor_config = json.loads((source / "processor_config.json").read_text())
+    (source / "processor_config.json").write_text(json.dumps({**processor_config, "add_special_token": True}))
+    with pytest.raises(ConversionError, match="add_special_token true"):
+        read_official(source, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
