@@ -41,6 +41,18 @@ def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]
     return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))}
 
 
+def generation_kwargs() -> dict[str, Any]:
+    """The tasks' `generation_kwargs`, read from the shipped template (its `!function` tags are not resolved)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    with open(TASKS_DIR / f"_{GROUP}_yaml", encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=_Loader)["generation_kwargs"]  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_questions(data_dir: str | Path) -> list[dict[str, Any]]:
     """The held-out questions with an image (`eval.jsonl` rows), in file order."""
     with open(Path(data_dir) / "eval.jsonl", encoding="utf-8") as handle:
