@@ -30,6 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tests.conftest import make_image as photo  # noqa: E402
+from tests.official_reference import official_pixels  # noqa: E402
 
 CLIP_BG = (122, 116, 104)
 GREEN = (10, 200, 30)
@@ -148,31 +149,17 @@ def test_released_1_3b_settings_pad_with_grey():
 # --- backends -----------------------------------------------------------------------------------------------
 
 
-def official_reference(image: Image.Image, size: int, background, mean=None, std=None) -> np.ndarray:
-    """DeepSeek-VL's algorithm written out with PIL and numpy: resize, expand to square, rescale (float64)."""
-    width, height = image.size
-    longest = max(width, height)
-    new_h, new_w = max(int(height / longest * size), 14), max(int(width / longest * size), 14)
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), background)
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    x = (np.asarray(canvas).astype(np.float64) * (1 / 255)).astype(np.float32)
-    if mean is not None:
-        x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
-    return x.transpose(2, 0, 1)
-
-
 @pytest.mark.parametrize("size, dims", [(128, (200, 150)), (128, (90, 130)), (64, (64, 40))])
 def test_pil_backend_is_the_official_algorithm_exactly(size, dims):
     image = photo(*dims, seed=size)
     pv = pixels(processor(image_size=size, resample_backend="pil"), image)
-    assert np.array_equal(pv[0].numpy(), official_reference(image, size, CLIP_BG))
+    assert np.array_equal(pv[0].numpy(), official_pixels(image, size, CLIP_BG))
 
 
 def test_normalisation_matches_the_reference_exactly():
     image = photo(120, 90, seed=4)
     pv = pixels(processor(resample_backend="pil", do_normalize=True), image)
-    reference = official_reference(image, 64, CLIP_BG, module.CLIP_MEAN, module.CLIP_STD)
+    reference = official_pixels(image, 64, CLIP_BG, mean=module.CLIP_MEAN, std=module.CLIP_STD)
     assert np.array_equal(pv[0].numpy(), reference)
 
 
