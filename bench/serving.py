@@ -7,7 +7,7 @@ wall time of the whole load) and p50 / p95 request latency. The two servers run 
 sleeps) and each concurrency level measures them in alternating order. Correctness: both servers give every
 request the same greedy answer and token count.
 
-`run(mode)` returns the rows (the `python -m bench` section contract); `python -m bench.serving [--smoke]`
+`run(mode)` returns the rows (the `python -m bench` section contract); `python -m bench.serving [--mode MODE]`
 prints the table.
 """
 

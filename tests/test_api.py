@@ -276,6 +276,7 @@ def test_32_concurrent_mixed_requests_answer_as_alone(main_server, reference):
             assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, new_tokens), f"request {index}"
     health = main_server.health()
     assert (health["running"], health["queued"], health["cancelled"]) == (0, 0, 0)
+    assert 2 <= health["largest_batch"] <= 8  # answered in left-padded batches, as alone
 
 
 def user(*parts: dict) -> dict:
@@ -447,3 +448,9 @@ def test_readme_examples_run_against_a_live_server(main_server, reference, tmp_p
     want, _, _ = greedy(reference, [{"role": "user", "content": [text("Describe a sunny beach.")]}], [], 32)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["choices"][0]["message"]["content"] == want
+
+
+def test_api_without_its_extra_names_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[api\]"'):
+        cli_main(["api", "--model", str(tmp_path)])

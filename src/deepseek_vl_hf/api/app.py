@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,13 @@ def build_app(model, processor, model_name: str, engine: Engine, limits: Limits,
     """The API over a loaded model; the engine's thread runs while the app's lifespan does."""
     defaults = defaults or default_sampling(model)
     created = int(time.time())
+    # one request is encoded at a time: a fast tokenizer must not be reconfigured by one thread while another
+    # encodes ("Already borrowed"), and the engine's thread needs the cores more than a second encoder does
+    encoding = threading.Lock()
+
+    def encode(body) -> Prepared:
+        with encoding:
+            return prepare(body, processor, limits, defaults)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -83,7 +91,7 @@ def build_app(model, processor, model_name: str, engine: Engine, limits: Limits,
         if body.model != model_name:
             raise ApiError(404, f"the model '{body.model}' does not exist here; this server serves '{model_name}' "
                            "(GET /v1/models)", param="model", code="model_not_found")
-        prepared = await run_in_threadpool(prepare, body, processor, limits, defaults)
+        prepared = await run_in_threadpool(encode, body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

@@ -70,6 +70,7 @@ class Engine:
         self._stopping = False
         self._finished = 0
         self._cancelled = 0
+        self._largest_batch = 0
         self._thread = threading.Thread(target=self._run, name="deepseek-vl-hf-generation", daemon=True)
 
     # -- called from the server -------------------------------------------------------------------------------
@@ -101,9 +102,10 @@ class Engine:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        """Jobs in the batch and waiting now; jobs finished and cancelled (client gone) so far."""
+        """Jobs in the batch and waiting now; jobs finished and cancelled (client gone) and the largest batch
+        decoded so far."""
         return {"running": len(self._active), "queued": len(self._pending), "finished": self._finished,
-                "cancelled": self._cancelled}
+                "cancelled": self._cancelled, "largest_batch": self._largest_batch}
 
     # -- the worker thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -160,6 +162,7 @@ class Engine:
 
     def _decode(self) -> None:
         """One decode step of every active job."""
+        self._largest_batch = max(self._largest_batch, len(self._active))
         device = self.model.device
         length = self._cache.get_seq_length()
         ids = torch.tensor([[job.tokens[-1]] for job in self._active])
