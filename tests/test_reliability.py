@@ -728,3 +728,99 @@ def test_files_and_folders_are_fsynced_before_the_rename(tiny_pair, tmp_path, mo
     written = {str(p).replace(str(tmp_path / "out"), tmp, 1) for p in (tmp_path / "out").rglob("*")}
     assert written and written | {tmp} <= synced
     assert ("fsync", str(tmp_path)) in events[rename:]  # the rename itself is made durable
+
+
+# --- issue 15 item 4: a failed chat turn leaves the session as it was ------------------------------------------
+
+CONTEXT_ERROR = r"over the model's context length"
+
+
+def filler(session, images: int, room: int) -> str:
+    """A user message that, with the session's history and `images` new images, leaves about `room` tokens of the
+    model's 1024-token context free (the tiny tokenizer spends a fixed number of tokens per repeated word)."""
+    from deepseek_vl_hf.chat import user_content
+
+    def length(words: int) -> int:
+        messages = [*session.messages, {"role": "user", "content": user_content("w " * words, images)}]
+        prompt = session.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pictures = [make_image(8, 8)] * (len(session.images) + images)
+        return len(session.processor(text=prompt, images=pictures or None)["input_ids"][0])
+
+    base, per_word = length(0), (length(40) - length(0)) / 40
+    words = int((1024 - room - base) / per_word)
+    assert 1024 - 2 * room <= length(words) <= 1024 - 1
+    return "w " * words
+
+
+def test_failed_chat_turn_leaves_the_session_as_before(tiny_pair):
+    """A turn that runs past the context during generation (and one over it already in the prompt) leaves the
+    messages and images untouched, so the next turn answers exactly as if the failed one never happened."""
+    from deepseek_vl_hf.chat import ChatSession
+
+    model, processor = tiny_pair
+    first, later = make_image(40, 30), make_image(30, 40)
+    session = ChatSession(model, processor)
+    "".join(session.stream_reply("What is this?", [first], max_new_tokens=3, do_sample=False))
+    before_messages, before_images, before_prompt = json.dumps(session.messages), list(session.images), session.prompt()
+
+    with pytest.raises(ValueError, match=CONTEXT_ERROR):  # generation runs past the 1024-token context
+        "".join(session.stream_reply(filler(session, 1, 10), [later], max_new_tokens=30, min_new_tokens=30,
+                                     do_sample=False))
+    assert json.dumps(session.messages) == before_messages and session.images == before_images
+    assert session.prompt() == before_prompt
+    with pytest.raises(ValueError, match="model_max_length"):  # over the context before generating
+        "".join(session.stream_reply("w " * 2000, [later], max_new_tokens=3))
+    assert json.dumps(session.messages) == before_messages and session.images == before_images
+    abandoned = session.stream_reply("Stop me.", [later], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    next(abandoned)
+    abandoned.close()  # a client that leaves mid-answer
+    assert json.dumps(session.messages) == before_messages and session.images == before_images
+
+    answer = "".join(session.stream_reply("And this one?", [later], max_new_tokens=6, do_sample=False))
+    clean = ChatSession(model, processor)
+    "".join(clean.stream_reply("What is this?", [first], max_new_tokens=3, do_sample=False))
+    assert answer == "".join(clean.stream_reply("And this one?", [later], max_new_tokens=6, do_sample=False))
+    assert json.dumps(session.messages) == json.dumps(clean.messages)
+
+
+def test_cli_and_web_chat_keep_going_after_a_context_length_error(tiny_dir, monkeypatch, capsys, tmp_path):
+    import argparse
+    import builtins
+
+    import deepseek_vl_hf.chat as chat_module
+    from deepseek_vl_hf.chat import ChatSession
+    from deepseek_vl_hf.commands import chat as chat_command
+    from deepseek_vl_hf.commands.common import load_model_and_processor
+    from deepseek_vl_hf.serve import stream_turn
+
+    model, processor = load_model_and_processor(str(tiny_dir))
+    image = tmp_path / "a.png"
+    make_image(40, 30).save(image)
+    probe = ChatSession(model, processor)
+    long_message = filler(probe, 1, 10)
+    reference = "".join(probe.stream_reply("Hi", [str(image)], max_new_tokens=5, min_new_tokens=5, do_sample=False))
+
+    # web chat: the error is shown, the session (kept in the page's state) is unchanged and serves the next turn
+    session = ChatSession(model, processor)
+    displays = list(stream_turn(session, long_message, [str(image)], [], max_new_tokens=30, min_new_tokens=30,
+                                do_sample=False))
+    assert displays[-1][-1]["metadata"] == {"title": "Error"} and re.search(CONTEXT_ERROR, displays[-1][-1]["content"])
+    assert session.messages == [] and session.images == []
+    displays = list(stream_turn(session, "Hi", [str(image)], displays[-1], max_new_tokens=5, min_new_tokens=5,
+                                do_sample=False))
+    assert displays[-1][-1]["content"] == reference
+
+    # CLI chat: every answer is forced to its full length, so the long message overflows during generation
+    real_kwargs = chat_module.generation_kwargs
+    monkeypatch.setattr(chat_module, "generation_kwargs",
+                        lambda max_new_tokens, *a: {**real_kwargs(max_new_tokens, *a), "min_new_tokens": max_new_tokens})
+    lines = iter([f"/image {image}", long_message, f"/image {image}", "Hi", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(chat_command, "load_model_and_processor", lambda *a: (model, processor))
+    parser = argparse.ArgumentParser()
+    chat_command.register(parser.add_subparsers(dest="command", required=True))
+    chat_command.run(parser.parse_args(["chat", "--model", str(tiny_dir), "--max-new-tokens", "30"]))
+    out, err = capsys.readouterr()
+    assert re.search(CONTEXT_ERROR, err)
+    assert out.splitlines()[-1].startswith("Assistant: ")
+    assert out.splitlines()[-1][len("Assistant: "):].startswith(reference)

@@ -48,16 +48,24 @@ class ChatSession:
         return self.processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
 
     def stream_reply(self, text: str, images: list | tuple = (), **generate_kwargs: Any) -> Iterator[str]:
-        """Add a user turn and yield the answer's text pieces as they are generated; the answer joins the history."""
+        """Add a user turn and yield the answer's text pieces as they are generated; the answer joins the history.
+
+        A turn that fails (bad input, an error during generation such as the context length) or is abandoned
+        mid-answer (the generator closed) leaves the session exactly as before it: messages and images.
+        """
+        kept_messages, kept_images = len(self.messages), len(self.images)
+        try:
+            yield from self._turn(text, images, **generate_kwargs)
+        except BaseException:
+            del self.messages[kept_messages:]
+            del self.images[kept_images:]
+            raise
+
+    def _turn(self, text: str, images: list | tuple, **generate_kwargs: Any) -> Iterator[str]:
         content = user_content(text, len(images))
         self.messages.append({"role": "user", "content": content})
         self.images.extend(images)
-        try:
-            inputs = self.processor(text=self.prompt(), images=self.images or None, return_tensors="pt")
-        except Exception:
-            self.messages.pop()
-            del self.images[len(self.images) - len(images) :]
-            raise
+        inputs = self.processor(text=self.prompt(), images=self.images or None, return_tensors="pt")
         inputs = inputs.to(self.model.device)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
@@ -82,7 +90,6 @@ class ChatSession:
             yield piece
         thread.join()
         if errors:
-            self.messages.pop()
             raise errors[0]
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": "".join(pieces).strip()}]})
 

@@ -16,10 +16,13 @@ def run(args: argparse.Namespace) -> None:
     gen = generation_kwargs(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
 
     def answer(text: str, images: list[str]) -> None:
+        """Stream one answer; a failed turn (reported by the caller) leaves the session as it was."""
         print("Assistant: ", end="", flush=True)
-        for piece in session.stream_reply(text, images, **gen):
-            print(piece, end="", flush=True)
-        print()
+        try:
+            for piece in session.stream_reply(text, images, **gen):
+                print(piece, end="", flush=True)
+        finally:
+            print()
 
     if args.prompt is not None:
         answer(args.prompt, args.image)
