@@ -42,6 +42,7 @@ SETTING_NAMES = (
     "background_color",
     "resample_backend",
     "alpha_mode",
+    "jpeg_draft",
     "max_image_pixels",
     "num_workers",
 )
@@ -192,8 +193,11 @@ def _finish(
     background: tuple[int, int, int],
     max_pixels: int | None,
     alpha_mode: str,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Size check (before decoding), decode, EXIF orientation and RGB conversion of an opened PIL image."""
+    """Size check (before decoding), decode, EXIF orientation and RGB conversion of an opened PIL image.
+    `draft` = (image_size, min_size): a JPEG file is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
+    covers the resized size (PIL's public `Image.draft`)."""
     width, height = image.size
     if width <= 0 or height <= 0:
         raise _error(
@@ -207,6 +211,9 @@ def _finish(
             f"max_image_pixels={max_pixels} (decompression-bomb guard)",
             "shrink it beforehand, or, if you trust the file, raise max_image_pixels (None: no limit)",
         )
+    if draft is not None and image.format == "JPEG":
+        target = resized_size(height, width, *draft)
+        image.draft(image.mode, target[::-1])
     try:
         image.load()
     except Exception as err:
@@ -226,6 +233,7 @@ def _open(
     background: tuple[int, int, int],
     max_pixels: int | None,
     alpha_mode: str,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Open an encoded image (file path or binary stream), keep its first frame and return it as RGB."""
     try:
@@ -252,7 +260,7 @@ def _open(
             "check that the file is a readable, undamaged image",
         ) from err
     with image:  # closes the file only: the pixels `_finish` loaded stay usable, no copy needed
-        return _finish(image, index, path, background, max_pixels, alpha_mode)
+        return _finish(image, index, path, background, max_pixels, alpha_mode, draft)
 
 
 def _open_path(
@@ -261,6 +269,7 @@ def _open_path(
     background: tuple[int, int, int],
     max_pixels: int | None,
     alpha_mode: str,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     path = os.fspath(image)
     if isinstance(path, bytes):
@@ -296,7 +305,7 @@ def _open_path(
             "the file is empty (0 bytes)",
             "it was probably not fully written or downloaded: re-create it or leave it out",
         )
-    return _open(path, index, path, background, max_pixels, alpha_mode)
+    return _open(path, index, path, background, max_pixels, alpha_mode, draft)
 
 
 def _numpy_to_torch(array: np.ndarray, index: int) -> torch.Tensor:
@@ -384,13 +393,15 @@ def load_image(
     background_color: tuple[int, int, int] = DEFAULT_BACKGROUND,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     alpha_mode: str = "drop",
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Load one image as an upright RGB PIL image, or raise an `ImageInputError` that says what is wrong.
 
     Accepts a PIL image, a local file path (str / os.PathLike), encoded bytes, a binary file object, a
     numpy uint8 HWC (or HW) array or a torch CHW (or HW) tensor (uint8, or float in [0, 1]). `index` only
     labels error messages. Transparency is dropped (`alpha_mode` "drop", as the official code) or composited onto
-    `background_color` ("composite"); a multi-frame file
+    `background_color` ("composite"); `draft` = (image_size, min_size) decodes JPEG files and bytes at a reduced
+    DCT scale that still covers the resized size (faster, not the official pixels); a multi-frame file
     gives its first frame; images over `max_image_pixels` are refused before decoding (None: no limit). An
     RGB PIL image that needs no change is returned as it is (not copied).
     """
@@ -399,18 +410,18 @@ def load_image(
     if isinstance(image, Image.Image):
         return _finish(image, index, None, background, max_image_pixels, alpha_mode)
     if isinstance(image, (str, os.PathLike)):
-        return _open_path(image, index, background, max_image_pixels, alpha_mode)
+        return _open_path(image, index, background, max_image_pixels, alpha_mode, draft)
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise _error(index, None, "the image bytes are empty", "pass the complete encoded file contents")
-        return _open(io.BytesIO(bytes(image)), index, None, background, max_image_pixels, alpha_mode)
+        return _open(io.BytesIO(bytes(image)), index, None, background, max_image_pixels, alpha_mode, draft)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         chw = _array_to_chw_uint8(image, index)
         return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
     if hasattr(image, "read"):
         name = getattr(image, "name", None)
         path = name if isinstance(name, str) else None
-        return _open(image, index, path, background, max_image_pixels, alpha_mode)
+        return _open(image, index, path, background, max_image_pixels, alpha_mode, draft)
     if image is None:
         raise _error(index, None, "it is None", "pass an image, or leave the entry out")
     raise _error(
@@ -434,6 +445,7 @@ class DeepseekVLHFImageProcessorKwargs(ImagesKwargs, total=False):
     background_color: tuple[int, int, int] | None
     resample_backend: str
     alpha_mode: str
+    jpeg_draft: bool
     max_image_pixels: int | None
     num_workers: int
 
@@ -474,6 +486,7 @@ def _validated(settings: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"rescale_factor must be a positive number, got {s['rescale_factor']!r}")
     s["rescale_factor"] = float(s["rescale_factor"])
     s["do_normalize"] = bool(s["do_normalize"])
+    s["jpeg_draft"] = bool(s["jpeg_draft"])
     if s["background_color"] is not None:
         s["background_color"] = _triple("background_color", s["background_color"], int)
         if not all(0 <= v <= 255 for v in s["background_color"]):
@@ -520,6 +533,8 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
       composited onto the padding colour instead of showing whatever colour hides under alpha 0.
     - `resample_backend="torch"`: torch's uint8 antialiased bicubic, several times faster than PIL's on large
       images; its integer weights round differently, so about 1% of the values differ by 1 grey level (rarely 2).
+    - `jpeg_draft=True`: JPEG files are decoded at a reduced DCT scale that still covers the output size (much
+      faster on large photos; a few grey levels off).
 
     Choices beyond the official code (which only handles clean 8-bit RGB PIL images), always on:
 
@@ -545,6 +560,10 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         resample_backend (`str`): "pil" (default; PIL's bicubic, exactly as the official code) or "torch"
             (uint8 antialiased bicubic in torch: faster, within 1 grey level of PIL but for a rare few values
             that differ by 2).
+        jpeg_draft (`bool`): decode JPEG files (paths, bytes, file objects) at the smallest DCT scale (1/2, 1/4,
+            1/8) whose size still covers the resized image; much faster on photos over twice the output size, but
+            not the official pixels (off by a few grey levels; bench/preprocess.py reports by how much). Off by
+            default.
         alpha_mode (`str`): "drop" (default; transparency ignored, as the official `convert("RGB")`) or
             "composite" (transparent pixels blended onto the padding colour).
         max_image_pixels (`int` or `None`): largest accepted width * height of an encoded image; `None` for no
@@ -571,6 +590,7 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
         background_color: tuple[int, int, int] | None = None,
         resample_backend: str = "pil",
         alpha_mode: str = "drop",
+        jpeg_draft: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         num_workers: int = 0,
         **kwargs,
@@ -587,6 +607,7 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
                 "background_color": background_color,
                 "resample_backend": resample_backend,
                 "alpha_mode": alpha_mode,
+                "jpeg_draft": jpeg_draft,
                 "max_image_pixels": max_image_pixels,
                 "num_workers": num_workers,
             }
@@ -666,13 +687,19 @@ class DeepseekVLHFImageProcessor(BaseImageProcessor):
             _paste(slot, _resize(chw, resized_size(*chw.shape[1:], size, min_size)), fill, s["rescale_factor"])
             return
         pil = load_image(
-            image, index, background_color=fill, max_image_pixels=s["max_image_pixels"], alpha_mode=s["alpha_mode"]
+            image,
+            index,
+            background_color=fill,
+            max_image_pixels=s["max_image_pixels"],
+            alpha_mode=s["alpha_mode"],
+            draft=(size, min_size) if s["jpeg_draft"] else None,
         )
         target = resized_size(pil.height, pil.width, size, min_size)
         if target != (pil.height, pil.width) and s["resample_backend"] == "pil":
             pil = pil.resize(target[::-1], Image.Resampling.BICUBIC)
         pixels = np.asarray(pil)  # public array interface: one copy of the pixels, HWC uint8
         if target != pixels.shape[:2]:
+            # a writable copy: torch warns on the read-only array PIL's public array interface gives
             resized = _resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1), target)
             pixels = resized.permute(1, 2, 0).numpy()
         _paste(slot, pixels, fill, s["rescale_factor"])

@@ -628,3 +628,19 @@ def test_call_overrides_and_outputs():
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         processor(**kwargs)
+
+
+def test_jpeg_draft_is_opt_in_and_decodes_at_a_reduced_scale():
+    """Off by default (the official full decode); on, a 1000x700 JPEG for a 256 output decodes at 1/2 (500x350
+    still covers 256x179), as PIL's public draft mode gives it, and stays within a few grey levels."""
+    data = encoded(photo(1000, 700, seed=3), "JPEG", quality=90)
+    full = pixels(processor(image_size=256), data)
+    assert torch.equal(full, pixels(processor(image_size=256), Image.open(io.BytesIO(data)).convert("RGB")))
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (256, 179))
+    assert drafted.size == (500, 350)
+    fast = pixels(processor(image_size=256, jpeg_draft=True), data)
+    assert torch.equal(fast, pixels(processor(image_size=256), drafted.convert("RGB")))
+    assert not torch.equal(fast, full) and float((fast - full).abs().max()) < 40 / 255
+    pil_input = Image.open(io.BytesIO(data))  # a PIL image passed in is never drafted (nor changed)
+    assert torch.equal(pixels(processor(image_size=256, jpeg_draft=True), pil_input), full)
