@@ -53,6 +53,8 @@ def write_random_folder(output: Path, preset: str, overrides: dict[str, Any], se
         model, processor = build_random_model(preset, overrides, seed=seed)
     model.config.dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(seed)
+    # Every matrix is a stretch of one random pool (from a random start): drawing 7B normal values takes minutes.
+    pool = (torch.randn(1 << 24, generator=generator) * 0.02).to(torch.bfloat16)
     with atomic_directory(output, overwrite=True) as tmp:
         custom_object_save(model, tmp, config=model.config)
         model.config.save_pretrained(tmp)
@@ -71,7 +73,9 @@ def write_random_folder(output: Path, preset: str, overrides: dict[str, Any], se
             if meta.ndim == 1:  # norms' scales at 1, biases at 0
                 value = torch.ones(meta.shape) if "norm" in key and key.endswith("weight") else torch.zeros(meta.shape)
             else:
-                value = torch.randn(meta.shape, generator=generator) * 0.02
+                start = int(torch.randint(len(pool), (1,), generator=generator))
+                stretch = torch.cat([pool[start:], pool[:start]])
+                value = stretch.repeat(-(-meta.numel() // len(pool)))[: meta.numel()].view(meta.shape)
             shard[key] = value.to(torch.bfloat16)
             if sum(t.numel() * 2 for t in shard.values()) >= shard_bytes:
                 flush()
@@ -223,7 +227,9 @@ def accuracy(demo: str | None = None, eval_per_kind: int = 2) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as scratch:
         if demo:
-            folder, data_dir, source = Path(demo) / "model", Path(demo) / "data", f"the demo's model ({demo})"
+            folder, data_dir = Path(demo) / "model", Path(demo) / "data"
+            metrics = json.loads((Path(demo) / "metrics.json").read_text())
+            source = f"the demo's model (`{metrics['command']} --minutes {metrics['minutes']:g}`)"
         else:
             folder, data_dir = Path(scratch) / "model", Path(scratch) / "data"
             write_random_folder(folder, "tiny", {})
