@@ -425,7 +425,10 @@ class DeepseekVLSamEncoder(_CheckpointedBlocks):
         return self.downsamples(_resize_fp32(neck_out, size, antialias=False))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.patch_embed(pixel_values) + self.pos_embed
+        # The encoder's own parameters (pos_embed, hd_alpha_downsamples) follow the activations explicitly: with a
+        # device_map that splits the encoder, its submodules (and their outputs) may sit on other devices.
+        hidden = self.patch_embed(pixel_values)
+        hidden = hidden + self.pos_embed.to(hidden.device)
         hd_hidden = None
         eager = getattr(self.config, "_attn_implementation", None) == "eager"
         for index, block in enumerate(self.blocks):
@@ -435,8 +438,8 @@ class DeepseekVLSamEncoder(_CheckpointedBlocks):
                 hd_hidden = hidden
         features = self._downsample(self.neck(hidden.permute(0, 3, 1, 2)))
         if hd_hidden is not None:
-            hd_features = self._downsample(self.neck_hd(hd_hidden.permute(0, 3, 1, 2)))
-            features = features + hd_features * self.hd_alpha_downsamples
+            hd_features = self._downsample(self.neck_hd(hd_hidden.permute(0, 3, 1, 2))).to(features.device)
+            features = features + hd_features * self.hd_alpha_downsamples.to(features.device)
         return features.flatten(2).transpose(1, 2)
 
 
