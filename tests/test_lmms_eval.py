@@ -182,3 +182,27 @@ def test_unsupported_requests_are_refused_by_name(plugin):
         plugin.generate_until_multi_round(video)
     with pytest.raises(ValueError, match="2 <image_placeholder> placeholder"):
         plugin.prompt("<image_placeholder><image_placeholder>?", 1)
+
+
+def test_readme_command_names_real_tasks_and_model_args():
+    """The README's lmms-eval command: its tasks (or groups) exist in the installed lmms-eval, its model_args are
+    the plugin's, and every model_arg is documented."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    import lmms_eval
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Evaluation with lmms-eval", 1)[1].split("\n## ", 1)[0]
+    command = section.split("```bash", 1)[1].split("```", 1)[0]
+    tasks = re.search(r"--tasks (\S+)", command).group(1).split(",")
+    known = set()
+    for path in Path(lmms_eval.__file__).parent.joinpath("tasks").rglob("*.yaml"):
+        known.update(re.findall(r"^(?:task|group): ['\"]?([\w-]+)", path.read_text(encoding="utf-8"), flags=re.M))
+    assert set(tasks) <= known, set(tasks) - known
+    model_args = re.search(r"--model_args (\S+)", command).group(1)
+    accepted = set(inspect.signature(DeepseekVLHF.__init__).parameters) - {"self"}
+    assert {kv.split("=")[0] for kv in model_args.split(",")} <= accepted
+    for name in accepted:
+        assert f"`{name}`" in section, name  # every model_arg is documented
