@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> None:
     from deepseek_vl_hf.api.protocol import Limits
     from deepseek_vl_hf.commands.common import load_model_and_processor
 
-    if args.max_batch_size < 1 or args.max_queue < 0:
-        raise SystemExit("deepseek-vl-hf api: --max-batch-size must be >= 1 and --max-queue >= 0")
+    if args.max_batch_size < 1 or args.max_queue < 1:
+        raise SystemExit("deepseek-vl-hf api: --max-batch-size and --max-queue must be at least 1")
     model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantize)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, processor.tokenizer, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000)
