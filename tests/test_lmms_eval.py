@@ -67,6 +67,7 @@ def test_lmms_eval_command_on_demo_tasks(tiny_dir, demo_data, tmp_path):
         assert run.metric(task) == pytest.approx(own[category], abs=1e-12)
     assert 0 < run.metric("deepseek_vl_demo") < 1
     figures = harness_figures(run, batch_size=4)
+    assert figures["command"].startswith("lmms-eval --model deepseek_vl_hf --model_args pretrained=")
     evaluation = {"categories": {c: {"accuracy": v} for c, v in own.items()}}
     assert all(row["agree"] for row in agreement(figures, evaluation))
     assert "They agree in every category." in harness_section({"harness": figures, "evaluation": evaluation})
@@ -206,3 +207,10 @@ def test_readme_command_names_real_tasks_and_model_args():
     assert {kv.split("=")[0] for kv in model_args.split(",")} <= accepted
     for name in accepted:
         assert f"`{name}`" in section, name  # every model_arg is documented
+
+
+def test_eval_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    from deepseek_vl_hf.evaluation.demo import evaluate_demo
+
+    with pytest.raises(FileNotFoundError, match="is not a finished demo folder"):
+        evaluate_demo(tmp_path)

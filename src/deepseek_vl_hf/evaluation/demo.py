@@ -8,6 +8,7 @@ exact match, so per category they must agree exactly; the report says whether th
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ def harness_figures(run: HarnessRun, batch_size: int) -> dict[str, Any]:
                   for c in VISUAL_CATEGORIES}
     total = sum(c["n"] for c in categories.values())
     return {
-        "command": " ".join(run.command),
-        "lmms_eval_version": run.results.get("lmms_eval_version"),
+        "command": " ".join(["lmms-eval", *run.command[run.command.index("--model"):]]),
+        "lmms_eval_version": version("lmms_eval"),
         "batch_size": batch_size,
         "seconds": run.seconds,
         "samples_per_second": total / run.seconds,
