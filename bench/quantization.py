@@ -105,6 +105,15 @@ def _available_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
 
 
+def _wait_for_memory(needed_mib: float, patience_s: float = 600) -> None:
+    """Return once `needed_mib` are available (the machine may be shared); MemoryError after `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while _available_mib() < needed_mib:
+        if time.monotonic() > deadline:
+            raise MemoryError(f"{_available_mib():.0f} MiB available, {needed_mib:.0f} MiB needed: free memory first")
+        time.sleep(10)
+
+
 def measure(folder: str, quantize: str | None, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
     """In a fresh process: load `folder` in bf16 (quantized to `quantize`), then time a text prefill of
     `prompt_tokens` and `new_tokens` greedy decode steps with the KV cache."""
@@ -151,9 +160,7 @@ def rows(mode: str) -> list[Row]:
         folder = _folder(mode, Path(scratch))
         weights_mib = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
         for name, quantize in (("bf16", None), *((q, q) for q in QUANTIZED)):
-            if _available_mib() < 1.2 * weights_mib:  # one model at a time, and only with room for its bf16 load
-                raise MemoryError(f"{_available_mib():.0f} MiB available; loading {folder} needs about "
-                                  f"{1.2 * weights_mib:.0f} MiB: free memory first")
+            _wait_for_memory(1.1 * weights_mib)  # one model at a time, and only with room for its bf16 load
             results[name] = isolated("bench.quantization:measure", folder=str(folder), quantize=quantize,
                                      prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     base, out = results["bf16"], []
