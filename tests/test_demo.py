@@ -47,7 +47,7 @@ def test_same_seed_writes_identical_files_and_another_seed_does_not(dataset, tmp
     assert first == again
     assert first["eval.jsonl"] != other["eval.jsonl"] and first["images_train.jsonl"] != other["images_train.jsonl"]
     expected = {"images_train.jsonl", "stage1_pairs.jsonl", "stage2_interleaved.jsonl", "stage3_conversations.jsonl",
-                "text_train.jsonl", "text_dialogues.jsonl", "eval.jsonl", "eval_pairs.jsonl",
+                "text_warmup.jsonl", "text_train.jsonl", "text_dialogues.jsonl", "eval.jsonl", "eval_pairs.jsonl",
                 "eval_interleaved.jsonl", "eval_conversations.jsonl", "eval_text.jsonl", "manifest.json"}
     assert expected <= set(first)
 
@@ -57,13 +57,31 @@ def test_held_out_questions_are_balanced_per_kind_and_unseen(dataset):
     counts = Counter(row["kind"] for row in rows if row["image"] is not None)
     assert counts == {kind: 2 for kind, spec in KINDS.items() if spec.category in VISUAL_CATEGORIES}
     assert all(row["image"].startswith("images/eval/") for row in rows if row["image"] is not None)
-    # the text task is asked with templates the training corpus never uses
-    corpus = (dataset / "text_train.jsonl").read_text()
+    # the retention probe asks the text task's rule about names that no training text contains
+    world = synthetic.text_world(3)
+    probe_names = world["splits"]["probe"]
     text_rows = [row for row in rows if row["image"] is None]
-    assert len(text_rows) == 2 * synthetic.NUM_ENTITIES
-    assert all(row["question"] not in corpus for row in text_rows)
+    assert len(text_rows) == 2 * len(probe_names) > 0
+    assert {re.search(r"[a-z]+-[a-z]+", row["question"]).group() for row in text_rows} == set(probe_names)
+    for name in ("text_warmup", "text_train", "text_dialogues", "stage2_interleaved", "stage3_conversations"):
+        training_text = (dataset / f"{name}.jsonl").read_text()
+        assert not any(probe in training_text for probe in probe_names), name
+    stage0 = (dataset / "text_warmup.jsonl").read_text()
+    assert not any(name in stage0 for name in world["splits"]["pretrain"])  # stage 0 and stage 2 differ too
     for row in rows:
         assert row["answer"] in KINDS[row["kind"]].answers
+
+
+def test_text_rule_gives_every_name_its_syllables_colour_and_number():
+    world = synthetic.text_world(0)
+    splits = world["splits"]
+    assert not set(splits["warmup"]) & set(splits["pretrain"]) and not set(splits["probe"]) & (
+        set(splits["warmup"]) | set(splits["pretrain"]))
+    for split in splits.values():  # every first syllable is learnable from each training split and probed
+        assert {name.split("-")[0] for name in split} == set(synthetic.ENTITY_SYLLABLES)
+    for kind, question, answer in synthetic.fact_questions(world, "probe"):
+        first, second = re.search(r"[a-z]+-[a-z]+", question).group().split("-")
+        assert answer == (world["colour"][first] if kind == "text/colour" else world["number"][second])
 
 
 def test_training_files_are_in_the_training_data_formats(dataset):
@@ -106,9 +124,12 @@ def test_answers_match_what_is_drawn(index):
         elif category == "ocr":
             text = next(iter(answers.values()))
             blank = Image.new("RGB", sample.image.size, (255, 255, 255))
-            assert len(scene["boxes"]) == synthetic.OCR_GRID**2
+            large = sample.qa[0][0] == "ocr/large"
+            assert scene["scale"] == (synthetic.OCR_LARGE_SCALE if large else 1)
+            assert len(scene["boxes"]) == (synthetic.OCR_LARGE_GRID if large else synthetic.OCR_GRID) ** 2
             for box in scene["boxes"]:  # every copy reads `text`, and there is no other ink
-                synthetic.draw_text(blank, tuple(box[:2]), text, (0, 0, 0))
+                assert box[2] <= SIZE and box[3] <= SIZE
+                synthetic.draw_text(blank, tuple(box[:2]), text, (0, 0, 0), scene["scale"])
                 assert (_ink(sample.image, box) == _ink(blank, box)).all() and _ink(blank, box).any()
             assert _ink(sample.image, (0, 0, SIZE, SIZE)).sum() == sum(_ink(sample.image, b).sum() for b in scene["boxes"])
         elif category == "chart" and scene["type"] == "bar":
@@ -135,6 +156,37 @@ def test_normalised_exact_match_scoring():
     assert table["scene/colour"] == {"n": 2, "accuracy": 0.5, "chance": 1 / 6}
 
 
+def test_probe_vocabulary_comes_from_the_training_split_only(dataset):
+    from deepseek_vl_hf.demo.warmup import VisionProbe, probe_vocabulary
+
+    vocabulary = probe_vocabulary(read_jsonl(dataset / "images_train.jsonl"))
+    held_out = [row for row in read_jsonl(dataset / "eval.jsonl") if row["image"] is not None]
+    unseen = [row for row in held_out if row["answer"] not in vocabulary.get(row["question"], ())]
+    assert unseen  # 6 training images per category do not show every answer
+    probe = VisionProbe(8, vocabulary)
+    assert not any(probe.knows(row["question"], row["answer"]) for row in unseen)
+    assert all(probe.knows(q, a) for row in read_jsonl(dataset / "images_train.jsonl") for _, q, a in row["qa"])
+
+
+def test_planner_cuts_steps_to_the_time_left_and_says_what_it_cut():
+    from deepseek_vl_hf.demo import timing
+
+    plan = [("stage0", 800), ("stage1", 200), ("stage2", 300), ("stage3", 1600)]
+    fast = timing.Planner(7.0, plan, visual_evals=1.5)
+    assert fast.size_stage0(9, 0.01) == 800  # a fast machine keeps the budget's steps
+    slow = timing.Planner(7.0, plan, visual_evals=1.5)
+    total = slow.size_stage0(9, 0.5)
+    work = sum(timing.RELATIVE_COST[name] * steps for name, steps in plan)
+    overhead = 4 * timing.OVERHEAD_UNITS["stage"] + 1.5 * timing.OVERHEAD_UNITS["visual_eval"]
+    expected = (7 * 60 * timing.TARGET_SHARE / 0.5 - overhead + 9) / work
+    assert 9 < total < 800 and total == pytest.approx(800 * expected, abs=2)
+    slow.finished("stage0", total, 0.5 * (total + timing.OVERHEAD_UNITS["stage"]), 0.5 * total, 800)
+    assert slow.steps() < 200 and slow.summary()["cut"] == [f"stage0 800 -> {total} steps"]
+    fixed = timing.Planner(7.0, plan, enabled=False)
+    assert fixed.size_stage0(9, 5.0) == 800 and fixed.steps() == 800
+    assert not fixed.summary()["enabled"]
+
+
 def test_budget_scales_with_minutes():
     default, short = Budget.for_minutes(7), Budget.for_minutes(0.7)
     assert short.warmup_steps < default.warmup_steps and short.train_per_category < default.train_per_category
@@ -146,17 +198,44 @@ def test_budget_scales_with_minutes():
 # ------------------------------------------------------------------------------------------------ shortened runs
 
 
+# The shortened demo CI runs: the budget's steps as they are (not calibrated, so the same numbers on any machine).
+SHORT_MINUTES, SHORT_SEED = 0.3, 0
+# With-image accuracy over blind (question-weighted over the visual kinds) that the shortened demo must reach:
+# measured at SHORT_MINUTES over seeds 0-2 (see test_shortened_demo_answers_from_the_images).
+MARGIN = 0.10
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "run"
-    return out, run_demo(out, minutes=0.15, log=lambda _: None)
+    return out, run_demo(out, minutes=SHORT_MINUTES, seed=SHORT_SEED, log=lambda _: None, calibrate=False)
+
+
+def test_shortened_demo_answers_from_the_images(demo_run):
+    """A model that ignored its images would score its blind baseline; the shortened demo beats it by MARGIN."""
+    _, metrics = demo_run
+    overall = metrics["evaluation"]["overall"]
+    assert overall["accuracy"] >= overall["blind"] + MARGIN, overall
+    assert metrics["calibration"]["cut"] == [] and not metrics["calibration"]["enabled"]
+
+
+def test_readme_demo_figures_are_written_from_the_committed_metrics():
+    """README.md's demo block is `python -m deepseek_vl_hf.demo.report --readme` of docs/demo/*.json."""
+    from deepseek_vl_hf.demo.report import COMMITTED, README_END, README_START, readme_block
+
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index(README_START) : readme.index(README_END) + len(README_END)]
+    assert block == readme_block(COMMITTED), "run `python -m deepseek_vl_hf.demo.report --readme`"
+    metrics = json.loads((COMMITTED / "metrics.json").read_text())
+    assert metrics["command"] == "deepseek-vl-hf demo" and metrics["minutes"] == 7.0  # the default run
+    assert f"**{metrics['wall_seconds'] / 60:.1f} minutes**" in block
 
 
 def test_demo_writes_report_metrics_plots_and_recipes(demo_run):
     out, metrics = demo_run
     report = (out / "report.md").read_text()
     for heading in ("Why there is a stage 0", "## Training", "## Held-out accuracy per category",
-                    "## Language retention", "## The model"):
+                    "## Language retention", "## The model", "**Time budget**", "**What stages 1-3 add.**"):
         assert heading in report
     assert "may download nothing" in report  # why stage 0 exists
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -250,16 +329,17 @@ def test_demo_without_the_train_extra_names_it(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("ablation", ["modality-mix", "hybrid"])
 def test_ablations_write_their_tables(tmp_path, ablation):
-    metrics = run_demo(tmp_path / "out", minutes=0.1, ablation=ablation, log=lambda _: None)
+    metrics = run_demo(tmp_path / "out", minutes=0.1, ablation=ablation, log=lambda _: None, calibrate=False)
     report = (tmp_path / "out" / "report.md").read_text()
     variants = metrics["ablation"]["variants"]
     assert len(variants) == 2
     if ablation == "modality-mix":
-        assert "Ablation: modality mix" in report
+        assert "Ablation: modality mix" in report and "Retention on the held-out names" in report
         assert {v["language_share"] for v in variants.values()} == {0.0, 0.7}
         runs = [v["run"] for v in variants.values()]
         assert runs[0]["stages"]["stage1"] == runs[1]["stages"]["stage1"]  # one shared stage 1
     else:
-        assert "Ablation: hybrid vision encoder" in report and "**ocr**" in report
+        assert "Ablation: hybrid vision encoder" in report and "**ocr**" in report and "**ocr/large**" in report
+        assert "built into the data generator" in report
         assert {v["preset"] for v in variants.values()} == {"tiny", "tiny-siglip"}
     assert (tmp_path / "out" / "plots").is_dir()

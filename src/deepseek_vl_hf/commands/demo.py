@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> None:
     from deepseek_vl_hf.demo.pipeline import run_demo
 
     try:
-        run_demo(args.out, minutes=args.minutes, ablation=args.ablation, overwrite=args.overwrite, seed=args.seed)
+        run_demo(args.out, minutes=args.minutes, ablation=args.ablation, overwrite=args.overwrite, seed=args.seed,
+                 calibrate=not args.fixed_steps)
     except (FileExistsError, ValueError) as exc:  # a non-empty --out, --minutes <= 0
         sys.exit(f"error: {exc}")
 
@@ -45,7 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (report.md, metrics.json, plots/, model/, data/)")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                   help=f"scale the training budget; the default takes about {DEFAULT_MINUTES:g} minutes on 2 CPU cores")
+                   help="the time budget: data and steps scale with it, and the stages are sized to finish within "
+                        "it on this machine (the report says what was cut)")
+    p.add_argument("--fixed-steps", action="store_true",
+                   help="run the budget's steps whatever the machine's speed (reproducible numbers, no time limit)")
     p.add_argument("--ablation", choices=ABLATIONS, default=None,
                    help="run an ablation instead: modality-mix (text data in stage 2) or hybrid (vs SigLIP-only)")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")

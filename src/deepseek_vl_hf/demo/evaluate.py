@@ -89,21 +89,27 @@ def evaluate_visual(
     questions: list[dict[str, Any]],
     data_dir: str | Path,
     on_batch: Callable[[int], None] | None = None,
+    blind: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy with the image, blind accuracy (no image) and chance, per kind and per category."""
+    """Accuracy with the image, blind accuracy (no image; left out when not `blind`) and chance, per kind and per
+    category, and the question-weighted mean accuracy over all kinds (`overall`)."""
     seen = generate_answers(model, processor, questions, data_dir, True, on_batch=on_batch)
-    blind = generate_answers(model, processor, questions, data_dir, False, on_batch=on_batch)
     kinds = score(questions, seen)
-    for kind, entry in score(questions, blind).items():
-        kinds[kind]["blind"] = entry["accuracy"]
-    fields = {field: by_category(kinds, field) for field in ("accuracy", "blind", "chance")}
+    if blind:
+        unseen = generate_answers(model, processor, questions, data_dir, False, on_batch=on_batch)
+        for kind, entry in score(questions, unseen).items():
+            kinds[kind]["blind"] = entry["accuracy"]
+    else:
+        unseen = [""] * len(questions)
+    fields = {field: by_category(kinds, field) for field in ("accuracy", "blind", "chance") if blind or field != "blind"}
     categories = {category: {f: values[category] for f, values in fields.items()} for category in fields["chance"]}
     examples = [
         {"image": q["image"], "question": q["question"], "answer": q["answer"], "with_image": s.strip(),
          "blind": b.strip()}
-        for q, s, b in list(zip(questions, seen, blind))[:: max(1, len(questions) // 10)]
+        for q, s, b in list(zip(questions, seen, unseen))[:: max(1, len(questions) // 10)]
     ]
-    return {"kinds": kinds, "categories": categories, "examples": examples}
+    overall = {field: sum(k[field] * k["n"] for k in kinds.values()) / len(questions) for field in fields}
+    return {"kinds": kinds, "categories": categories, "examples": examples, "overall": overall}
 
 
 def evaluate_text(

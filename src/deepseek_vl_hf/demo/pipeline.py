@@ -6,8 +6,10 @@ with its `training_metadata.json`), `model/` (the final Hub-ready folder with it
 `metrics.json` and `plots/`. The ablations (`modality-mix`, `hybrid`) are separate, shorter runs under
 `runs/<variant>/` that write the same report with their own table.
 
-The budget is in steps, not seconds, so a run is reproducible (fp32, seeded); `minutes` scales the steps and
-the data from the default, which takes about `DEFAULT_MINUTES` on a 2-core CPU.
+`minutes` scales the data and the steps from the default budget (`Budget.for_minutes`); then the run keeps to
+`minutes` on the machine it runs on: stage 0 times its first steps and every stage is sized to the time left
+(`timing.Planner`; the report says what was cut). With `calibrate=False` the budget's steps run as they are, so
+a run is reproducible (fp32, seeded) whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from deepseek_vl_hf.demo import ABLATIONS, DEFAULT_MINUTES
 from deepseek_vl_hf.demo.evaluate import evaluate_text, evaluate_visual
 from deepseek_vl_hf.demo.report import write_outputs
 from deepseek_vl_hf.demo.synthetic import generate_dataset, tokenizer_corpus
+from deepseek_vl_hf.demo.timing import Planner
 from deepseek_vl_hf.demo.warmup import read_jsonl, warm_up
 from deepseek_vl_hf.modeling.modeling_deepseek_vl_hf import DeepseekVLHFForCausalLM
 from deepseek_vl_hf.processing.processing_deepseek_vl_hf import DeepseekVLHFProcessor
@@ -164,14 +167,19 @@ def stage_recipe(
 
 
 class LossLog(TrainerCallback):
-    """Keeps the Trainer's logged training losses as (step, loss), and the Trainer's saving chatter out of the log
-    once training starts (the runner sets transformers' verbosity to info)."""
+    """Keeps the Trainer's logged training losses as (step, loss) and the seconds its training loop took, and the
+    Trainer's saving chatter out of the log once training starts (the runner sets transformers' verbosity to info)."""
 
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
+        self.train_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         transformers.logging.set_verbosity_warning()
+        self._start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.train_seconds = time.perf_counter() - self._start
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs) -> None:
         if logs and "loss" in logs:
@@ -208,6 +216,7 @@ def train_stage(tree: dict[str, Any], recipe_path: Path) -> dict[str, Any]:
         "losses": log.losses,
         "final_metrics": _losses(metadata["final_metrics"]),
         "seconds": time.perf_counter() - start,
+        "train_seconds": log.train_seconds,
     }
 
 
@@ -220,11 +229,13 @@ def train_model(
     stage2_language_share: float = STAGES[2].language_share,
     last_stage: int = 3,
     start_from: dict[str, Any] | None = None,
+    planner: Planner | None = None,
 ) -> dict[str, Any]:
     """Stage 0, then stages 1..`last_stage`, with the text-task accuracy after each stage.
 
     `start_from` is an earlier run's record to continue (its stages are reused, not re-trained), which is how the
-    modality-mix ablation branches two stage-2 variants off one stage 1.
+    modality-mix ablation branches two stage-2 variants off one stage 1. `planner` sizes the stages to the time
+    budget (none: the budget's steps).
     """
     eval_rows = read_jsonl(data_dir / "eval.jsonl")
     text_rows = [row for row in eval_rows if row["image"] is None]
@@ -238,14 +249,25 @@ def train_model(
                 bar.update(1)
                 bar.set_postfix(vision=f"{record['vision_loss']:.3f}", text=f"{record['text_loss']:.3f}")
 
+            def resize(done: int, seconds_per_step: float) -> int:
+                total = planner.size_stage0(done, seconds_per_step)
+                bar.total = total
+                return total
+
+            train_start = time.perf_counter()
             result = warm_up(model, processor, data_dir, budget.warmup_steps, budget.batch_size,
-                             category_weights=STAGE0_CATEGORY_WEIGHTS, seed=seed, on_step=on_step)
+                             category_weights=STAGE0_CATEGORY_WEIGHTS, seed=seed, on_step=on_step,
+                             resize=resize if planner else None)
+            train_seconds = time.perf_counter() - train_start
         folder = save_checkpoint(model, processor, work_dir / "stages" / "stage0", overwrite=True)
         run["stages"]["stage0"] = {
             "folder": str(folder), "steps": result["steps"], "probe_accuracy": result["probe_accuracy"],
-            "history": result["history"], "seconds": time.perf_counter() - start,
+            "history": result["history"], "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
         }
         run["text_accuracy"]["stage0"] = evaluate_text(model, processor, text_rows, data_dir)
+        if planner:
+            planner.finished("stage0", result["steps"], time.perf_counter() - start, train_seconds,
+                             budget.warmup_steps)
     previous = Path(run["stages"]["stage0"]["folder"])
     for stage in range(1, last_stage + 1):
         name = f"stage{stage}"
@@ -253,21 +275,27 @@ def train_model(
             previous = Path(run["stages"][name]["folder"])
             continue
         share = stage2_language_share if stage == 2 else STAGES[stage].language_share
-        tree = stage_recipe(stage, data_dir, previous, work_dir / "stages" / name, budget.stage_steps[stage - 1],
-                            budget.batch_size, share)
+        steps, start = planner.steps() if planner else budget.stage_steps[stage - 1], time.perf_counter()
+        tree = stage_recipe(stage, data_dir, previous, work_dir / "stages" / name, steps, budget.batch_size, share)
         run["stages"][name] = {**train_stage(tree, work_dir / "recipes" / f"{name}.yaml"), "language_share": share}
         previous = Path(run["stages"][name]["folder"])
         run["text_accuracy"][name] = evaluate_text(*load_folder(previous), text_rows, data_dir)
+        if planner:
+            planner.finished(name, steps, time.perf_counter() - start, run["stages"][name]["train_seconds"],
+                             budget.stage_steps[stage - 1])
     return run
 
 
-def evaluate_run(run: dict[str, Any], data_dir: Path) -> dict[str, Any]:
-    """The held-out visual evaluation (with the image, blind, chance) of a run's last stage."""
+def evaluate_run(run: dict[str, Any], data_dir: Path, stage: str | None = None, blind: bool = True) -> dict[str, Any]:
+    """The held-out visual evaluation (with the image, blind unless not `blind`, chance) of a run's `stage`
+    (default: its last)."""
     questions = [row for row in read_jsonl(data_dir / "eval.jsonl") if row["image"] is not None]
-    last = max(name for name in run["stages"])
-    model, processor = load_folder(Path(run["stages"][last]["folder"]))
-    with tqdm(total=2 * len(questions), desc=f"evaluating {run['preset']} (with image, then blind)", unit="q") as bar:
-        return evaluate_visual(model, processor, questions, data_dir, on_batch=bar.update)
+    stage = stage or max(name for name in run["stages"])
+    model, processor = load_folder(Path(run["stages"][stage]["folder"]))
+    passes = "with image, then blind" if blind else "with image"
+    with tqdm(total=(1 + blind) * len(questions), desc=f"evaluating {run['preset']} {stage} ({passes})",
+              unit="q") as bar:
+        return evaluate_visual(model, processor, questions, data_dir, on_batch=bar.update, blind=blind)
 
 
 INTENDED_USE = (
@@ -341,14 +369,14 @@ def make_data(out: Path, budget: Budget, seed: int) -> Path:
     return out / "data"
 
 
-def _modality_mix(out: Path, data_dir: Path, budget: Budget, seed: int) -> dict[str, Any]:
+def _modality_mix(out: Path, data_dir: Path, budget: Budget, seed: int, planner: Planner) -> dict[str, Any]:
     """Stage 2 with the language data mixed in vs. multimodal data only, from one shared stage 0 + 1."""
-    shared = train_model("tiny", data_dir, out / "runs" / "shared", budget, seed, last_stage=1)
+    shared = train_model("tiny", data_dir, out / "runs" / "shared", budget, seed, last_stage=1, planner=planner)
     variants = {}
     for label, share in (("with text data", STAGES[2].language_share), ("multimodal only", 0.0)):
         work = out / "runs" / ("mixed" if share else "multimodal-only")
         run = train_model("tiny", data_dir, work, budget, seed, stage2_language_share=share, last_stage=2,
-                          start_from=shared)
+                          start_from=shared, planner=planner)
         metrics = run["stages"]["stage2"]["final_metrics"]
         variants[label] = {
             "language_share": share,
@@ -361,15 +389,29 @@ def _modality_mix(out: Path, data_dir: Path, budget: Budget, seed: int) -> dict[
     return {"name": "modality-mix", "variants": variants}
 
 
-def _hybrid(out: Path, data_dir: Path, budget: Budget, seed: int) -> dict[str, Any]:
+def _hybrid(out: Path, data_dir: Path, budget: Budget, seed: int, planner: Planner) -> dict[str, Any]:
     """The hybrid (SAM 256 px + SigLIP 96 px) and the SigLIP-only tiny model, same data, steps and 36 tokens.
 
     Two whole runs: `run_demo` gives each half the steps of the budget, so the ablation takes about as long."""
     variants = {}
     for label, preset in (("hybrid (SAM 256 px + SigLIP 96 px)", "tiny"), ("SigLIP only (96 px)", "tiny-siglip")):
-        run = train_model(preset, data_dir, out / "runs" / preset, budget, seed)
+        run = train_model(preset, data_dir, out / "runs" / preset, budget, seed, planner=planner)
         variants[label] = {"preset": preset, "evaluation": evaluate_run(run, data_dir), "run": run}
     return {"name": "hybrid", "variants": variants}
+
+
+def _planner(minutes: float, ablation: str | None, budget: Budget, calibrate: bool, start: float) -> Planner:
+    """The time planner for a run: its stages in running order and its visual evaluations."""
+    main = [("stage0", budget.warmup_steps), *((f"stage{i + 1}", n) for i, n in enumerate(budget.stage_steps))]
+    if ablation == "modality-mix":
+        plan, evals = main[:3] + main[2:3], 0.0
+    elif ablation == "hybrid":
+        half = Budget.for_minutes(minutes / 2)
+        plan = 2 * [("stage0", half.warmup_steps), *((f"stage{i + 1}", n) for i, n in enumerate(half.stage_steps))]
+        evals = 2.0
+    else:
+        plan, evals = main, 1.5  # the final model with and without the image, the stage-0 model with it
+    return Planner(minutes, plan, visual_evals=evals, enabled=calibrate, start=start)
 
 
 def run_demo(
@@ -379,14 +421,19 @@ def run_demo(
     overwrite: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
-    """Run the demo (or one ablation) into `out` and return the metrics written to `out/metrics.json`."""
+    """Run the demo (or one ablation) into `out` and return the metrics written to `out/metrics.json`.
+
+    With `calibrate` the stages are sized to finish within `minutes` on this machine (`timing.Planner`);
+    without, the budget's steps run as they are (the same numbers on every machine)."""
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
     out = Path(out).resolve()
     budget = Budget.for_minutes(minutes)
     _prepare(out, overwrite)
     started = time.perf_counter()
+    planner = _planner(minutes, ablation, budget, calibrate, started)
     log(f"demo: writing to {out} (budget: {minutes:g} minutes -> {budget})")
     data_dir = make_data(out, budget, seed)
     metrics: dict[str, Any] = {
@@ -397,15 +444,19 @@ def run_demo(
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "manifest": json.loads((data_dir / "manifest.json").read_text(encoding="utf-8")),
     }
+    metrics["data_seconds"] = round(time.perf_counter() - started, 1)
     if ablation == "modality-mix":
-        metrics["ablation"] = _modality_mix(out, data_dir, budget, seed)
+        metrics["ablation"] = _modality_mix(out, data_dir, budget, seed, planner)
     elif ablation == "hybrid":
-        metrics["ablation"] = _hybrid(out, data_dir, Budget.for_minutes(minutes / 2), seed)
+        metrics["ablation"] = _hybrid(out, data_dir, Budget.for_minutes(minutes / 2), seed, planner)
     else:
-        run = train_model("tiny", data_dir, out, budget, seed)
+        run = train_model("tiny", data_dir, out, budget, seed, planner=planner)
         evaluation = evaluate_run(run, data_dir)
+        # what stage 0 alone gives: the stage-0 model asked through its language model, before stages 1-3
+        evaluation["stage0"] = evaluate_run(run, data_dir, stage="stage0", blind=False)["overall"]
         metrics.update(run=run, evaluation=evaluation)
         metrics["model"] = str(export_model(run, evaluation, budget, out / "model"))
+    metrics["calibration"] = planner.summary()
     metrics["wall_seconds"] = time.perf_counter() - started
     report = write_outputs(out, metrics)
     log(f"demo: finished in {metrics['wall_seconds'] / 60:.1f} minutes; report: {report}")

@@ -1,13 +1,18 @@
-"""The demo's outputs: `report.md` (tables and PNG plots under `plots/`) and `metrics.json`, from one metrics dict.
+"""The demo's outputs: `report.md` (tables and PNG plots under `plots/`) and `metrics.json`, from one metrics dict;
+and the README's demo figures, written from the committed metrics of the latest runs (docs/demo/*.json):
 
-Plots use matplotlib's Agg backend (no display needed). Both files are written to a temporary name and renamed,
+    python -m deepseek_vl_hf.demo.report --readme [RUN_DIR ...]   # store RUN_DIR/metrics.json, rewrite README
+
+Plots use matplotlib's Agg backend (no display needed). Files are written to a temporary name and renamed,
 so a killed run never leaves a half-written report.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +190,26 @@ def _verdict(evaluation: dict[str, Any], probes: dict[str, float]) -> str:
     return text
 
 
+def stage0_share(evaluation: dict[str, Any]) -> str:
+    """The stage-0 model's with-image accuracy (asked through its language model) over the final model's, in %."""
+    final = evaluation["overall"]["accuracy"]
+    return f"{100 * evaluation['stage0']['accuracy'] / final:.0f}%" if final else "- (final accuracy 0)"
+
+
+def _stage0_share(evaluation: dict[str, Any], probes: dict[str, float]) -> str:
+    kinds = evaluation["kinds"]
+    probe_mean = sum(probes.get(k, 0.0) * v["n"] for k, v in kinds.items()) / sum(v["n"] for v in kinds.values())
+    return (
+        f"**What stages 1-3 add.** Asked the same held-out questions with the image right after stage 0 (the "
+        f"adapter only rescaled), the model answers {_pct(evaluation['stage0']['accuracy'])}; after stage 3 "
+        f"{_pct(evaluation['overall']['accuracy'])} (blind {_pct(evaluation['overall']['blind'])}, chance "
+        f"{_pct(evaluation['overall']['chance'])}): stage 0 alone reaches {stage0_share(evaluation)} of "
+        f"the final accuracy. Its probes, classifiers reading the towers' tokens directly (not the language model), "
+        f"answer {_pct(probe_mean)}: what the towers encode after stage 0, which stages 1-3 teach the language model "
+        "to read."
+    )
+
+
 def _retention_section(run: dict[str, Any], chance: float) -> str:
     rows = []
     for name in sorted(run["text_accuracy"]):
@@ -192,8 +217,11 @@ def _retention_section(run: dict[str, Any], chance: float) -> str:
         rows.append([name.replace("stage", "after stage "), _pct(run["text_accuracy"][name]["accuracy"]),
                      "-" if loss is None else f"{loss:.3f}"])
     return (
-        "The text task asks about made-up facts with question templates held out from training (chance "
-        f"{_pct(chance)}). Before multimodal training = after stage 0. The held-out text loss is over whole chat "
+        "The text task is a rule: a made-up two-syllable name's colour follows from its first syllable and its "
+        "number from its second. Stage 0 learns it on one set of names; stages 2 and 3 train on other names; the "
+        "retention probe asks about names that no training text contains, so it measures the skill, not recalled "
+        f"facts (chance {_pct(chance)}). Before multimodal training = after stage 0. The held-out text loss is over "
+        "whole chat "
         "transcripts (system prompt and question included): stage 3 supervises only the answers, so the model stops "
         "predicting the prompt text and that loss rises while the answers (the accuracy) stay.\n\n"
         + _table(["when", "text-task accuracy", "held-out text loss"], rows)
@@ -217,6 +245,7 @@ def _main_sections(metrics: dict[str, Any], plots: Path) -> list[str]:
         "## Held-out accuracy per category\n\nExact match of the greedy answer; *blind* is the same model asked the "
         "same question without the image; chance is 1 / number of possible answers.\n\n"
         + _verdict(evaluation, run["stages"]["stage0"]["probe_accuracy"]) + "\n\n"
+        + _stage0_share(evaluation, run["stages"]["stage0"]["probe_accuracy"]) + "\n\n"
         + _accuracy_section(evaluation, run["stages"]["stage0"]["probe_accuracy"]) + "\n\n![accuracy per category](plots/accuracy_per_category.png)",
         "## Language retention\n\n" + _retention_section(run, chance)
         + f"\n\nBefore multimodal training {_pct(text['stage0']['accuracy'])}, after {_pct(text['stage3']['accuracy'])}."
@@ -241,14 +270,22 @@ def _modality_mix_section(ablation: dict[str, Any], chance: float, plots: Path) 
     }, "text-task accuracy", plots / "modality_mix.png")
     rows = [[label, f"{v['language_share']:g}", _pct(v["text_accuracy_before"]), _pct(v["text_accuracy_after"]),
              f"{v['eval_text_loss']:.3f}", f"{v['eval_multimodal_loss']:.3f}"] for label, v in variants.items()]
+    kept = "; ".join(f"{label}: {_pct(v['text_accuracy_before'])} -> {_pct(v['text_accuracy_after'])}"
+                     for label, v in variants.items())
     return (
         "## Ablation: modality mix in joint pretraining (stage 2)\n\nThe paper (section 4.5) finds that mixing "
         "text-only data into joint vision-language pretraining keeps the model's language ability. Both variants "
         "share stage 0 and stage 1 and run stage 2 for the same steps: with the language data (modality warm-up "
-        "1.0 -> target share) or with multimodal data only.\n\n"
-        + _table(["stage 2 data", "language share", "text accuracy before", "text accuracy after",
+        "1.0 -> target share) or with multimodal data only. The retention probe asks the text task's rule about "
+        "names that neither stage 0's nor stage 2's text contains: the language data rehearses the skill on other "
+        "names, never the probed answers.\n\n"
+        + _table(["stage 2 data", "language share", "probe accuracy before", "probe accuracy after",
                   "held-out text loss", "held-out multimodal loss"], rows)
-        + f"\n\nChance on the text task: {_pct(chance)}.\n\n![modality mix](plots/modality_mix.png)"
+        + f"\n\nChance on the text task: {_pct(chance)}. Retention on the held-out names: {kept}.\n\n"
+        "What this shows and what it does not: the paper measures a 7B model's general language benchmarks after "
+        "pretraining at scale; this is the mechanism in miniature: a 2-layer language model's one learned rule, kept "
+        "or overwritten depending on whether stage 2 keeps text in its batches. It does not reproduce the paper's "
+        "figures or show that broad language ability behaves the same way.\n\n![modality mix](plots/modality_mix.png)"
     )
 
 
@@ -271,12 +308,29 @@ def _hybrid_section(ablation: dict[str, Any], plots: Path) -> str:
         "## Ablation: hybrid vision encoder vs SigLIP only\n\nThe paper finds that the hybrid encoder (SAM-B on "
         "1024 px + SigLIP on 384 px) reads small text that the SigLIP-only encoder misses, at the same number of "
         "image tokens. Here: the tiny hybrid (SAM on 256 px + SigLIP on 96 px) vs the tiny SigLIP-only model "
-        "(96 px), both 36 image tokens, same data, stages and steps. The OCR images hold 11-pixel text (a word or "
-        "a number, repeated in a 4x4 grid) on a 256-pixel canvas: about 4 pixels tall at SigLIP's 96 px.\n\n"
+        "(96 px), both 36 image tokens, same data, stages and steps.\n\n**The OCR gap is built into the data "
+        "generator**: the small print (`ocr/word`, `ocr/number`: 11-pixel text, repeated in a 4x4 grid on a "
+        "256-pixel canvas) is about 4 pixels tall at SigLIP's 96 px, unreadable there by construction, so those rows "
+        "show the paper's mechanism in miniature, not an independent finding. The large print (`ocr/large`: 44-pixel "
+        "text in a 2x2 grid, about 16 pixels at 96 px) is readable at both resolutions: where the two models read it "
+        "alike, the hybrid stops mattering.\n\n"
         + _table(["category / kind", *(f"{label}" for label in labels), *(f"blind, {label}" for label in labels),
                   "chance"], rows)
         + "\n\n![hybrid vs SigLIP-only](plots/hybrid.png)"
     )
+
+
+def _calibration_note(metrics: dict[str, Any]) -> str:
+    """What the time budget did: measured seconds per step of each stage, and the steps it cut."""
+    calibration = metrics["calibration"]
+    measured = ", ".join(f"{d['stage']} {d['steps']} steps at {d['seconds_per_step']:.3f} s + {d['overhead_seconds']:.0f} s "
+                         "around them" for d in calibration["stages"])
+    if not calibration["enabled"]:
+        return f"**Time budget**: not calibrated (the budget's steps ran as they are); measured: {measured}."
+    cut = "; ".join(calibration["cut"]) or "nothing"
+    return (f"**Time budget**: {metrics['minutes']:g} minutes; stage 0 timed its first steps and each stage was "
+            f"sized to the time left (aiming at {calibration['target_seconds'] / 60:.1f} minutes). Measured: "
+            f"{measured}; data generation {metrics['data_seconds']:.0f} s. Cut to fit: {cut}.")
 
 
 def render_report(metrics: dict[str, Any], plots: Path) -> str:
@@ -290,7 +344,7 @@ def render_report(metrics: dict[str, Any], plots: Path) -> str:
         f"stage 0 {budget['warmup_steps']} steps, stages 1-3 {'/'.join(map(str, budget['stage_steps']))} steps of "
         f"batch {budget['batch_size']}; {manifest['train_images']} synthetic training images "
         f"({budget['train_per_category']} per visual category), {manifest['eval_questions']} held-out questions "
-        f"(seed {metrics['seed']}).\n\n{STAGE0_NOTE}"
+        f"(seed {metrics['seed']}).\n\n{_calibration_note(metrics)}\n\n{STAGE0_NOTE}"
     )
     sections = [header]
     if "run" in metrics:
@@ -316,3 +370,93 @@ def write_outputs(out: str | Path, metrics: dict[str, Any]) -> Path:
     report = out / "report.md"
     _write_atomic(report, render_report(metrics, plots))
     return report
+
+
+# ------------------------------------------------------------------------------------------------------- README
+
+ROOT = Path(__file__).resolve().parents[3]
+COMMITTED = ROOT / "docs" / "demo"  # metrics.json of the default run; modality-mix.json, hybrid.json
+README_START, README_END = "<!-- demo-figures:start (python -m deepseek_vl_hf.demo.report --readme) -->", \
+    "<!-- demo-figures:end -->"
+
+
+def _committed_name(metrics: dict[str, Any]) -> str:
+    return f"{metrics['ablation']['name']}.json" if "ablation" in metrics else "metrics.json"
+
+
+def _default_block(metrics: dict[str, Any]) -> list[str]:
+    evaluation, run = metrics["evaluation"], metrics["run"]
+    text, chance = run["text_accuracy"], _text_chance(metrics)
+    cut = "; ".join(metrics["calibration"]["cut"]) or "nothing"
+    rows = [[c, _pct(v["accuracy"]), _pct(v["blind"]), _pct(v["chance"])] for c, v in evaluation["categories"].items()]
+    rows.append(["text task (retention probe), after stage 0 → after stage 3", f"{_pct(text['stage0']['accuracy'])} → "
+                 f"{_pct(text['stage3']['accuracy'])}", "", _pct(chance)])
+    weakest = sorted(evaluation["kinds"].items(), key=lambda kv: kv[1]["accuracy"] - kv[1]["blind"])[:2]
+    return [
+        f"Latest default run (`{metrics['command']} --out demo-run`, seed {metrics['seed']}, "
+        f"{metrics['machine']['cpus']} CPU threads, torch {metrics['machine']['torch']}): "
+        f"**{metrics['wall_seconds'] / 60:.1f} minutes** of its {metrics['minutes']:g}-minute budget; the time "
+        f"budget cut: {cut}. From [docs/demo/metrics.json](docs/demo/metrics.json):",
+        "",
+        _table(["category", "with image", "blind", "chance"], rows),
+        "",
+        f"Overall {_pct(evaluation['overall']['accuracy'])} with the image, {_pct(evaluation['overall']['blind'])} "
+        f"blind. Right after stage 0 the model answers {_pct(evaluation['stage0']['accuracy'])} with the image: "
+        f"stage 0 alone reaches {stage0_share(evaluation)} of the final accuracy. Weakest question kinds "
+        "(with image − blind): " + ", ".join(
+            f"`{k}` ({_pct(v['accuracy'])}, blind {_pct(v['blind'])})" for k, v in weakest) + ".",
+    ]
+
+
+def _modality_mix_block(metrics: dict[str, Any]) -> list[str]:
+    parts = [f"{label} {_pct(v['text_accuracy_before'])} → {_pct(v['text_accuracy_after'])}"
+             for label, v in metrics["ablation"]["variants"].items()]
+    return [f"- modality mix ([docs/demo/modality-mix.json](docs/demo/modality-mix.json), "
+            f"{metrics['wall_seconds'] / 60:.1f} minutes): retention-probe accuracy (held-out names) before → "
+            f"after stage 2: {'; '.join(parts)} (chance {_pct(_text_chance(metrics))})."]
+
+
+def _hybrid_block(metrics: dict[str, Any]) -> list[str]:
+    variants = list(metrics["ablation"]["variants"].items())
+    kinds = [k for k in variants[0][1]["evaluation"]["kinds"] if k.startswith("ocr/")]
+    parts = [f"`{k}` " + " vs ".join(_pct(v["evaluation"]["kinds"][k]["accuracy"]) for _, v in variants)
+             for k in kinds]
+    return [f"- hybrid ([docs/demo/hybrid.json](docs/demo/hybrid.json), {metrics['wall_seconds'] / 60:.1f} minutes), "
+            f"{' vs '.join(label for label, _ in variants)}: " + "; ".join(parts) + "."]
+
+
+def readme_block(folder: Path = COMMITTED) -> str:
+    """The README's demo figures from the committed metrics in `folder` (the default run, then the ablations)."""
+    lines = _default_block(json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
+    ablations = [(name, render) for name, render in (("modality-mix", _modality_mix_block), ("hybrid", _hybrid_block))
+                 if (folder / f"{name}.json").is_file()]
+    if ablations:
+        lines += ["", "Latest ablation runs:", ""]
+        for name, render in ablations:
+            lines += render(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")))
+    return "\n".join([README_START, *lines, README_END])
+
+
+def rewrite_readme(readme: Path, folder: Path = COMMITTED) -> None:
+    """Replace the marked demo block of `readme` with `readme_block(folder)`."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    _write_atomic(readme, text[:start] + readme_block(folder) + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepseek_vl_hf.demo.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", help="demo output folders whose metrics.json to store under docs/demo/")
+    parser.add_argument("--readme", action="store_true", help="rewrite README.md's demo figures from docs/demo/")
+    args = parser.parse_args(argv)
+    COMMITTED.mkdir(parents=True, exist_ok=True)
+    for run in args.runs:
+        source = Path(run) / "metrics.json"
+        shutil.copyfile(source, COMMITTED / _committed_name(json.loads(source.read_text(encoding="utf-8"))))
+    if args.readme:
+        rewrite_readme(ROOT / "README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,10 @@
 """A synthetic stand-in for DeepSeek-VL's real-world data: drawn images with questions that have one short answer.
 
 Categories follow the paper's real-world taxonomy in miniature: `scene` (coloured shapes, positions, counts),
-`ocr` (short words and numbers rendered small on a larger canvas), `chart` (bar and line charts), `document` (tables and
-text pages), `geometry` (angles, polygons, lengths) and `text` (a language-only fact task that measures
-language retention). Everything is drawn with PIL and its built-in bitmap font, so nothing is downloaded, and
+`ocr` (short words and numbers in small print, unreadable at the SigLIP branch's resolution by design, and in large
+print readable at both), `chart` (bar and line charts), `document` (tables and text pages), `geometry` (angles,
+polygons, lengths) and `text` (a language-only rule task that measures language retention on names no training
+text contains). Everything is drawn with PIL and its built-in bitmap font, so nothing is downloaded, and
 every image is a pure function of (seed, category, split, index): the same seed writes byte-identical files.
 
 Each sample keeps the generator's own description (`scene`), from which every answer is derived; the answers
@@ -42,10 +43,12 @@ DIGITS = tuple(str(d) for d in range(10))
 OCR_WORDS = ("cat", "sun", "box", "pen", "bus", "fish")
 NUMBERS = ("12", "38", "47", "59", "66", "85")
 OCR_GRID = 4  # the small print is repeated once per cell of an OCR_GRID x OCR_GRID grid
+OCR_LARGE_SCALE, OCR_LARGE_GRID = 4, 2  # large print: the font 4x (44 px, ~16 px at 96 px) in a 2 x 2 grid
 ANGLES = (30, 60, 90, 120, 150)
 ENTITY_SYLLABLES = ("zor", "mel", "kap", "tiv", "ron", "bel", "dux", "fen", "gal", "hum", "jor", "lin", "vos", "wex")
 FACT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
-NUM_ENTITIES = 40
+# Per first syllable, how many of its 13 names go to each text split (the rest, 3, to the retention probe).
+TEXT_SPLIT_SIZES = {"warmup": 6, "pretrain": 4}
 SFT_DIALOGUES_PER_IMAGE = 2  # stage-3 dialogues per training image
 SFT_TURNS = 6  # questions (turns) per stage-3 dialogue at most
 
@@ -69,6 +72,7 @@ KINDS: dict[str, Kind] = {
     "scene/side": Kind("scene", ("left", "right")),
     "ocr/word": Kind("ocr", OCR_WORDS),
     "ocr/number": Kind("ocr", NUMBERS),
+    "ocr/large": Kind("ocr", OCR_WORDS + NUMBERS),
     "chart/largest": Kind("chart", LETTERS[:4]),
     "chart/value": Kind("chart", tuple(str(v) for v in range(1, 10))),
     "document/rows": Kind("document", ("2", "3", "4", "5")),
@@ -187,29 +191,36 @@ def make_scene(rng: random.Random, size: int) -> Sample:
 
 
 def make_ocr(rng: random.Random, size: int) -> Sample:
-    """A short word or a two-digit number in small print (the bitmap font at 1x, 11 px tall) on a large canvas,
-    printed once in each cell of a 4x4 grid (as on a label sheet or a patterned wrapper).
+    """A short word or a two-digit number, half the time in small print (the bitmap font at 1x, 11 px tall) once in
+    each cell of a 4x4 grid (as on a label sheet or a patterned wrapper), half the time in large print (4x, 44 px
+    tall) once in each cell of a 2x2 grid.
 
-    At the SigLIP branch's 96 px the print shrinks to about 4 px and becomes unreadable; at the SAM branch's
-    256 px it stays legible. The repeats spread the text over the image tokens: the demo's 2-layer language
-    model learns to read what many of its 36 image tokens carry within minutes, not what one token carries.
+    The OCR gap of the hybrid ablation is built in here: at the SigLIP branch's 96 px the small print shrinks to
+    about 4 px and becomes unreadable, while at the SAM branch's 256 px it stays legible; the large print (about
+    16 px at 96 px) is readable at both, which shows where the hybrid stops mattering. The repeats spread the text
+    over the image tokens: the demo's 2-layer language model learns to read what many of its 36 image tokens carry
+    within minutes, not what one token carries.
     """
-    if rng.random() < 0.5:
-        kind, text, question = "ocr/word", rng.choice(OCR_WORDS), "What word is written?"
+    large = rng.random() < 0.5
+    if large:
+        text = rng.choice(OCR_WORDS + NUMBERS)
+        kind, question, scale, grid = "ocr/large", "What is written in large print?", OCR_LARGE_SCALE, OCR_LARGE_GRID
+    elif rng.random() < 0.5:
+        kind, text, question, scale, grid = "ocr/word", rng.choice(OCR_WORDS), "What word is written?", 1, OCR_GRID
     else:
-        kind, text, question = "ocr/number", rng.choice(NUMBERS), "What number is written?"
+        kind, text, question, scale, grid = "ocr/number", rng.choice(NUMBERS), "What number is written?", 1, OCR_GRID
     image = _canvas(rng, size)
-    width, height = text_size(text)
+    width, height = text_size(text, scale)
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    cell, line = size // OCR_GRID, size // 16  # the print sits on lines and columns of a 16 x 16 grid
+    cell, line = size // grid, size // 16  # the print sits on lines and columns of a 16 x 16 grid
     offset_x = rng.randrange(max(1, (cell - width) // line)) * line + 1
-    offset_y = rng.randrange(cell // line) * line + (line - height) // 2
+    offset_y = rng.randrange(max(1, (cell - height) // line + 1)) * line + max(0, (line - height) // 2)
     boxes = [
-        list(draw_text(image, (column * cell + offset_x, row * cell + offset_y), text, ink))
-        for row in range(OCR_GRID)
-        for column in range(OCR_GRID)
+        list(draw_text(image, (column * cell + offset_x, row * cell + offset_y), text, ink, scale))
+        for row in range(grid)
+        for column in range(grid)
     ]
-    scene = {"text": text, "boxes": boxes}
+    scene = {"text": text, "boxes": boxes, "scale": scale}
     return Sample("ocr", image, scene, f"The text reads {text}.", [(kind, question, text)])
 
 
@@ -390,30 +401,43 @@ FACT_QUESTIONS = {
 }
 
 
-def fact_world(seed: int) -> list[dict[str, Any]]:
-    """The text task's knowledge: made-up entities, each with a colour and a number, and the question template
-    (per relation) held out for evaluation."""
+def text_world(seed: int) -> dict[str, Any]:
+    """The text task: made-up two-syllable names ("zor-mel") whose colour follows from the first syllable and whose
+    number follows from the second (a rule, like a suffix telling a word's class), and the names split three ways:
+    `warmup` (stage 0's text), `pretrain` (the language data of stages 2 and 3) and `probe` (the retention probe,
+    in no training text). The probe asks the rule on names never seen, so it measures a skill, not recall."""
     rng = random.Random(f"{seed}-text-world")
-    names = sorted({a + b for a in ENTITY_SYLLABLES for b in ENTITY_SYLLABLES if a != b})
-    return [
-        {
-            "entity": name,
-            "text/colour": rng.choice(FACT_COLOURS),
-            "text/number": rng.choice(DIGITS),
-            "held_out": {kind: rng.randrange(3) for kind in FACT_QUESTIONS},
-        }
-        for name in rng.sample(names, NUM_ENTITIES)
-    ]
+    world: dict[str, Any] = {
+        "colour": {syllable: rng.choice(FACT_COLOURS) for syllable in ENTITY_SYLLABLES},
+        "number": {syllable: rng.choice(DIGITS) for syllable in ENTITY_SYLLABLES},
+        "splits": {"warmup": [], "pretrain": [], "probe": []},
+    }
+    for first in ENTITY_SYLLABLES:  # every first syllable appears in every split
+        names = [f"{first}-{second}" for second in ENTITY_SYLLABLES if second != first]
+        rng.shuffle(names)
+        cut = list(TEXT_SPLIT_SIZES.values())
+        world["splits"]["warmup"] += names[: cut[0]]
+        world["splits"]["pretrain"] += names[cut[0] : cut[0] + cut[1]]
+        world["splits"]["probe"] += names[cut[0] + cut[1] :]
+    return world
 
 
-def fact_questions(world: list[dict[str, Any]], held_out: bool) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for every fact: the held-out template, or the two training templates."""
+def text_answers(world: dict[str, Any], name: str) -> dict[str, str]:
+    """A name's colour and number under the world's rule."""
+    first, second = name.split("-")
+    return {"text/colour": world["colour"][first], "text/number": world["number"][second]}
+
+
+def fact_questions(world: dict[str, Any], split: str) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) about the names of `split`: every template for training splits, one (drawn per
+    name and kind) for the probe."""
+    rng = random.Random(f"{split}-templates")
     out = []
-    for fact in world:
+    for name in world["splits"][split]:
+        answers = text_answers(world, name)
         for kind, templates in FACT_QUESTIONS.items():
-            for index, template in enumerate(templates):
-                if (index == fact["held_out"][kind]) == held_out:
-                    out.append((kind, template.format(e=fact["entity"]), fact[kind]))
+            chosen = [rng.choice(templates)] if split == "probe" else templates
+            out += [(kind, template.format(e=name), answers[kind]) for template in chosen]
     return out
 
 
@@ -422,10 +446,13 @@ def chat_transcript(question: str, answer: str) -> str:
     return f"{DEFAULT_SYSTEM_PROMPT}\n\nUser: {question}\n\nAssistant: {answer}"
 
 
-def text_corpus(world: list[dict[str, Any]]) -> list[str]:
-    """The language data: a statement of every fact and a dialogue for each training-template question."""
-    statements = [f"The {f['entity']} is {f['text/colour']} and has the number {f['text/number']}." for f in world]
-    return statements + [chat_transcript(q, a) for _, q, a in fact_questions(world, held_out=False)]
+def text_corpus(world: dict[str, Any], split: str) -> list[str]:
+    """A training split's language data: a statement about every name and a dialogue for every question."""
+    statements = [
+        f"The {name} is {answers['text/colour']} and has the number {answers['text/number']}."
+        for name, answers in ((n, text_answers(world, n)) for n in world["splits"][split])
+    ]
+    return statements + [chat_transcript(q, a) for _, q, a in fact_questions(world, split)]
 
 
 # ------------------------------------------------------------------------------------------------ dataset files
@@ -459,11 +486,12 @@ def generate_dataset(
 
     Files: `images/{split}/{category}/{i}.png`; `images_train.jsonl` (every question per training image, for
     the vision warm-up); `stage1_pairs.jsonl` (image + caption); `stage2_interleaved.jsonl` (image + caption
-    and Q/A text); `stage3_conversations.jsonl` (multi-turn SFT dialogues with the image); `text_train.jsonl`
-    (language data); `text_dialogues.jsonl` (pure-text SFT); `eval.jsonl` (held-out questions, balanced per
-    kind) and, for the trainer's held-out losses, `eval_pairs.jsonl`, `eval_interleaved.jsonl`, `eval_conversations.jsonl` and
-    `eval_text.jsonl`. Held-out images come from their own seed stream; held-out text questions use unseen
-    templates.
+    and Q/A text); `stage3_conversations.jsonl` (multi-turn SFT dialogues with the image); `text_warmup.jsonl`
+    (stage 0's language data); `text_train.jsonl` (the language data of stage 2, other names);
+    `text_dialogues.jsonl` (pure-text SFT, the same names as stage 2); `eval.jsonl` (held-out questions, balanced
+    per kind) and, for the trainer's held-out losses, `eval_pairs.jsonl`, `eval_interleaved.jsonl`,
+    `eval_conversations.jsonl` and `eval_text.jsonl`. Held-out images come from their own seed stream; held-out
+    text questions are about names no training file contains.
     """
     out = Path(out_dir)
     train_rows, eval_rows = [], []
@@ -491,10 +519,10 @@ def generate_dataset(
                 index += 1
                 if progress:
                     progress(1)
-    world = fact_world(seed)
+    world = text_world(seed)
     eval_rows += [
         {"category": "text", "kind": kind, "question": q, "answer": a, "image": None}
-        for kind, q, a in fact_questions(world, held_out=True)
+        for kind, q, a in fact_questions(world, "probe")
     ]
     _write_jsonl(out / "images_train.jsonl", train_rows)
     _write_jsonl(out / "stage1_pairs.jsonl", [{"image": r["image"], "text": r["caption"]} for r in train_rows])
@@ -503,12 +531,13 @@ def generate_dataset(
         [_document(r) for r in train_rows],
     )
     _write_jsonl(out / "stage3_conversations.jsonl", _conversations(train_rows, seed))
-    _write_jsonl(out / "text_train.jsonl", [{"text": t} for t in text_corpus(world)])
+    _write_jsonl(out / "text_warmup.jsonl", [{"text": t} for t in text_corpus(world, "warmup")])
+    _write_jsonl(out / "text_train.jsonl", [{"text": t} for t in text_corpus(world, "pretrain")])
     _write_jsonl(
         out / "text_dialogues.jsonl",
         [
             {"images": [], "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for _, q, a in fact_questions(world, held_out=False)
+            for _, q, a in fact_questions(world, "pretrain")
         ],
     )
     _write_jsonl(out / "eval.jsonl", eval_rows)
@@ -568,7 +597,8 @@ def _conversations(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]
 
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     """Texts that cover the demo's vocabulary, for training the tiny tokenizer (so answers are few tokens)."""
-    lines = text_corpus(fact_world(seed))
+    world = text_world(seed)
+    lines = text_corpus(world, "warmup") + text_corpus(world, "pretrain")  # not the probe's names
     for category in VISUAL_CATEGORIES:
         for index in range(200):
             sample = make_sample(category, seed, "vocab", index, size=128)

@@ -3,8 +3,9 @@
 The paper begins with a pretrained SigLIP, SAM-B and DeepSeek-LLM; the demo may download nothing, so a short
 warm-up gives the random tiny model what those weights would: the vision towers learn to encode the synthetic
 images (attention-pooling probes over their standardised tokens predict the answer to every question the
-generator knows about each training image), and the LLM learns language by next-token prediction: the text
-task's corpus, and the training images' descriptions as plain text (a pretrained LLM knows how captions and
+generator knows about each training image; their answer vocabulary comes from the training split only), and the
+LLM learns language by next-token prediction: the text task's stage-0 corpus (`text_warmup.jsonl`: names that
+neither later stages nor the retention probe use), and the training images' descriptions as plain text (a pretrained LLM knows how captions and
 answers read; it is the images it has never seen).
 The adapter is not touched. This is not one of the paper's stages; stages 1-3 then run the recipes.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,10 @@ class VisionProbe(nn.Module):
             mask[row, : len(self.answers[question])] = 0.0
         self.register_buffer("mask", mask, persistent=False)
 
+    def knows(self, question: str, answer: str) -> bool:
+        """Whether the probe can answer `answer` to `question` (both in its training vocabulary)."""
+        return answer in self.answers.get(question, ())
+
     def targets(self, qa_lists: list[list[list[str]]]) -> torch.Tensor:
         """`[B, questions]` answer indices, IGNORE where a question was not asked about the image."""
         out = torch.full((len(qa_lists), len(self.questions)), IGNORE, dtype=torch.long)
@@ -75,6 +81,16 @@ class VisionProbe(nn.Module):
         weights = torch.einsum("btc,qc->bqt", x, self.queries).softmax(-1)
         pooled = torch.einsum("bqt,btc->bqc", weights, x)
         return torch.einsum("bqc,qcw->bqw", pooled, self.weight) + self.bias + self.mask
+
+
+def probe_vocabulary(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Every question of the training rows (`images_train.jsonl`) with the answers it has there: the probes'
+    vocabulary, from the training split only, so no held-out answer leaks into stage 0."""
+    answers: dict[str, set[str]] = {}
+    for row in rows:
+        for _, question, answer in row["qa"]:
+            answers.setdefault(question, set()).add(answer)
+    return {question: sorted(values) for question, values in answers.items()}
 
 
 def vision_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -118,7 +134,8 @@ def standardize_adapter_output(model: nn.Module, pixel_values: torch.Tensor) -> 
 def probe_accuracy(
     model: nn.Module, probe: VisionProbe, processor, rows: list[dict], data_dir: Path
 ) -> dict[str, float]:
-    """The probes' accuracy on held-out images (rows of `eval.jsonl`, one question each), per question kind."""
+    """The probes' accuracy on held-out images (rows of `eval.jsonl`, one question each), per question kind; a
+    question or answer outside the probes' (training) vocabulary counts as a miss."""
     model.eval()
     probe.eval()
     hits: dict[str, list[bool]] = {}
@@ -127,11 +144,12 @@ def probe_accuracy(
             chunk = rows[start : start + 64]
             images = [Image.open(data_dir / r["image"]).convert("RGB") for r in chunk]
             pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            targets = probe.targets([[[r["kind"], r["question"], r["answer"]]] for r in chunk])
+            known = [probe.knows(r["question"], r["answer"]) for r in chunk]
+            targets = probe.targets([[[r["kind"], r["question"], r["answer"]]] if k else [] for r, k in zip(chunk, known)])
             predicted = probe(vision_tokens(model, pixel_values)).argmax(-1)
-            for row, target, guess in zip(chunk, targets, predicted):
+            for row, target, guess, ok in zip(chunk, targets, predicted, known):
                 asked = target != IGNORE
-                hits.setdefault(row["kind"], []).append(bool((guess[asked] == target[asked]).all()))
+                hits.setdefault(row["kind"], []).append(ok and bool((guess[asked] == target[asked]).all()))
     return {kind: sum(h) / len(h) for kind, h in sorted(hits.items())}
 
 
@@ -146,13 +164,17 @@ def warm_up(
     category_weights: dict[str, float] | None = None,
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    resize: Callable[[int, float], int] | None = None,
+    timed_steps: int = 8,
 ) -> dict[str, Any]:
-    """Train the vision towers (through the probes) and the LLM (on `text_train.jsonl` and, as text, the training
+    """Train the vision towers (through the probes) and the LLM (on `text_warmup.jsonl` and, as text, the training
     images' descriptions) for `steps` steps.
 
     Each step takes one image batch (categories drawn by `category_weights`, default equal) and one text batch
     (half text task, half descriptions);
-    learning rates decay linearly to zero. Returns the loss history and the probes' held-out accuracy per question kind.
+    learning rates decay linearly to zero. `resize(steps_done, seconds_per_step)`, called once after `timed_steps`
+    steps (timed after one untimed first step), returns the new total (the time budget's calibration; the decay
+    follows the new total from there). Returns the loss history and the probes' held-out accuracy per question kind.
     """
     data_dir = Path(data_dir)
     rows = read_jsonl(data_dir / "images_train.jsonl")
@@ -162,15 +184,11 @@ def warm_up(
     categories = sorted(by_category)
     weights = [(category_weights or {}).get(c, 1.0) for c in categories]
     held_out = [r for r in read_jsonl(data_dir / "eval.jsonl") if r["image"] is not None]
-    answers: dict[str, set[str]] = {}
-    for row in [*rows, *held_out]:
-        for _, question, answer in row.get("qa") or [[row["kind"], row["question"], row["answer"]]]:
-            answers.setdefault(question, set()).add(answer)
     torch.manual_seed(seed)
     config = model.config
     width = config.siglip_config.hidden_size + (config.sam_config.output_channels if config.is_hybrid else 0)
-    probe = VisionProbe(width, {q: list(a) for q, a in answers.items()})
-    facts = [encode_record(t, "text", processor, None, "all") for t in read_jsonl(data_dir / "text_train.jsonl")]
+    probe = VisionProbe(width, probe_vocabulary(rows))
+    facts = [encode_record(t, "text", processor, None, "all") for t in read_jsonl(data_dir / "text_warmup.jsonl")]
     descriptions = [
         encode_record({"text": pretraining_text(r["caption"], r["qa"])}, "text", processor, None, "all") for r in rows
     ]
@@ -191,7 +209,14 @@ def warm_up(
     history: list[dict[str, float]] = []
     model.train()
     probe.train()
-    for step in range(steps):
+    step, clock = 0, 0.0
+    while step < steps:
+        if step == 1:
+            clock = time.perf_counter()
+        if resize is not None and step == 1 + timed_steps:
+            steps = max(step, resize(step, (time.perf_counter() - clock) / timed_steps))
+            if step >= steps:
+                break
         batch_rows = [rng.choice(by_category[c]) for c in rng.choices(categories, weights, k=batch_size)]
         images = [Image.open(data_dir / r["image"]).convert("RGB") for r in batch_rows]
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -211,6 +236,7 @@ def warm_up(
         history.append(record)
         if on_step:
             on_step(record)
+        step += 1
     model.requires_grad_(True)
     fold_statistics(model, probe.norm.running_mean, (probe.norm.running_var + probe.norm.eps).sqrt())
     model.eval()
