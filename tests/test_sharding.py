@@ -97,7 +97,9 @@ def test_four_ranks_encode_only_their_share_and_a_killed_run_resumes_the_plan(tm
         },
         tmp_path,
     )
-    assert killed.returncode != 0 and (tmp_path / "s2-checkpoints" / "checkpoint-2").is_dir(), killed.stderr[-3000:]
+    assert killed.returncode != 0 and (tmp_path / "s2-checkpoints" / "checkpoint-2").is_dir(), killed.stderr[
+        -3000:
+    ]
     assert not (tmp_path / "s2-checkpoints" / "checkpoint-4").exists()
     resumed = torchrun_worker(
         {
@@ -253,7 +255,8 @@ def write_parquet_shards(folder: Path, shards: int, rows: list[dict]) -> Path:
 def streaming_sources(tmp_path):
     interleaved = [json.loads(line) for line in (TINY / "interleaved.jsonl").read_text().splitlines()]
     interleaved = [  # 8 distinct documents, 2 per shard
-        {"segments": [{"text": f"Document {i}."}, *interleaved[i % len(interleaved)]["segments"]]} for i in range(8)
+        {"segments": [{"text": f"Document {i}."}, *interleaved[i % len(interleaved)]["segments"]]}
+        for i in range(8)
     ]
     pairs = [json.loads(line) for line in (TINY / "pairs.jsonl").read_text().splitlines()]
     pair_rows = [{"image": (TINY / row["image"]).read_bytes(), "text": row["text"]} for row in pairs]
@@ -319,3 +322,37 @@ def test_streaming_webdataset_and_parquet_shards_train_the_tiny_stage2(streaming
     assert meta["steps"] == 3 and sum(meta["data_mix"]["observed_examples"].values()) == 3 * PER_DEVICE
     assert all(source["streaming"] for source in meta["data_mix"]["sources"])
     assert meta["final_metrics"]["train_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The scale model (docs/scaling.md).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_scale_model_counts_the_7b_and_its_document_is_generated_from_the_current_assumptions():
+    from bench import scaling_model
+
+    params = scaling_model.parameter_counts()
+    assert params["language_model"] + params["embed_tokens"] == 6_910_365_696  # DeepSeek-LLM 7B
+    costs = {"decode_ms": 50.0, "preprocess_ms": 150.0, "encode_text_ms": 100.0, "text_tokens": 4000}
+    packed, unpacked = scaling_model.project(costs, params, per_device=4)
+    assert packed["images_per_multimodal_sequence"] == pytest.approx(4096 / (576 + 75))
+    # language steps: 4 x 4096 tokens at 8N + 16 l d T FLOPs each, at 57% of 312 TFLOPS
+    flops = 4 * 4096 * (8 * params["language_model"] + 16 * 30 * 4096 * 4096)
+    assert packed["step_s"]["language"] == pytest.approx(flops / (0.57 * 312e12))
+    assert packed["data_s"]["multimodal"] == pytest.approx(
+        4 * (packed["images_per_multimodal_sequence"] * 0.2 + 4096 * 0.025e-3)
+    )
+    assert 0.4 < packed["mfu"] < 0.57 * 6 / 8 + 0.01  # recomputed forwards are not model FLOPs
+    assert packed["workers_unsharded"] > 100 * packed["workers_average"]
+    assert (
+        unpacked["tokens_per_multimodal_sequence"] < 4096
+        and unpacked["step_s"]["multimodal"] < packed["step_s"]["multimodal"]
+    )
+    block = (
+        (REPO / "docs" / "scaling.md").read_text().split(scaling_model.BEGIN)[1].split(scaling_model.END)[0]
+    )
+    assert "python -m bench.scaling_model --write" in block
+    assert all(
+        f"- `{name}` = {v:g}: {source}" in block for name, (v, source) in scaling_model.ASSUMPTIONS.items()
+    )
