@@ -160,7 +160,7 @@ def rows(mode: str) -> list[Row]:
         folder = _folder(mode, Path(scratch))
         weights_mib = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
         for name, quantize in (("bf16", None), *((q, q) for q in QUANTIZED)):
-            _wait_for_memory(1.1 * weights_mib)  # one model at a time, and only with room for its bf16 load
+            _wait_for_memory(weights_mib)  # one model at a time, and only with room for its bf16 weights
             results[name] = isolated("bench.quantization:measure", folder=str(folder), quantize=quantize,
                                      prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     base, out = results["bf16"], []
@@ -228,6 +228,7 @@ def accuracy(demo: str | None = None, eval_per_kind: int = 2) -> dict[str, Any]:
     """Per variant (fp32, bf16, int8, int4): greedy answers' agreement with fp32, held-out accuracy per category
     and the logits error against fp32 on a fixed batch. On `demo`'s model and held-out questions when given, else
     on the tiny preset with random weights and a small held-out set of the demo's generator."""
+    from deepseek_vl_hf.demo import DEFAULT_MINUTES
     from deepseek_vl_hf.demo.evaluate import by_category, generate_answers, score
     from deepseek_vl_hf.demo.synthetic import generate_dataset
     from deepseek_vl_hf.demo.warmup import read_jsonl
@@ -237,6 +238,8 @@ def accuracy(demo: str | None = None, eval_per_kind: int = 2) -> dict[str, Any]:
             folder, data_dir = Path(demo) / "model", Path(demo) / "data"
             metrics = json.loads((Path(demo) / "metrics.json").read_text())
             source = f"the demo's model (`{metrics['command']} --minutes {metrics['minutes']:g}`)"
+            if metrics["minutes"] < DEFAULT_MINUTES:
+                source += f", a shortened run (default {DEFAULT_MINUTES:g} minutes): compare with the chance row"
         else:
             folder, data_dir = Path(scratch) / "model", Path(scratch) / "data"
             write_random_folder(folder, "tiny", {})
@@ -255,6 +258,7 @@ def accuracy(demo: str | None = None, eval_per_kind: int = 2) -> dict[str, Any]:
             table[variant] = {"answers": answers, "logits": logits,
                               "categories": by_category(kinds, "accuracy")}
             del model
+        chance = by_category(kinds, "chance")
     reference = table["fp32"]
     scale = float(reference["logits"].abs().max())
     results = {}
@@ -267,7 +271,7 @@ def accuracy(demo: str | None = None, eval_per_kind: int = 2) -> dict[str, Any]:
             "max_logit_error": float(error.max()) / scale,
             "mean_logit_error": float(error.mean()) / scale,
         }
-    return {"source": source, "questions": len(questions), "variants": results}
+    return {"source": source, "questions": len(questions), "variants": results, "chance": chance}
 
 
 def accuracy_table(report: dict[str, Any]) -> str:
@@ -287,6 +291,8 @@ def accuracy_table(report: dict[str, Any]) -> str:
         cells = " | ".join(f"{r['categories'][c]:.2f}" for c in categories)
         lines.append(f"| {variant} | {r['agreement']:.0%} | {cells} | {r['max_logit_error']:.4f} | "
                      f"{r['mean_logit_error']:.5f} |")
+    chance = " | ".join(f"{report['chance'][c]:.2f}" for c in categories)
+    lines.append(f"| chance | | {chance} | | |")
     return "\n".join(lines)
 
 
