@@ -43,7 +43,7 @@ def official_pixels(image: Image.Image | bytes, size: int, background, rescale_f
     x = (np.asarray(canvas).transpose(2, 0, 1).astype(np.float64) * rescale_factor).astype(np.float32)
     if mean is not None:
         x = (x - np.array(mean, np.float32).reshape(3, 1, 1)) / np.array(std, np.float32).reshape(3, 1, 1)
-    return x
+    return np.ascontiguousarray(x)  # row-major like any processor output (a strided layout changes conv rounding)
 
 
 def official_batch(images: list, size: int, background) -> torch.Tensor:
