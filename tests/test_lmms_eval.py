@@ -51,9 +51,15 @@ def demo_data(tmp_path_factory, tiny_pair):
     return root, rows, answers
 
 
-def test_lmms_eval_command_on_demo_tasks(tiny_dir, demo_data, tmp_path):
-    data_dir, rows, answers = demo_data
-    run = run_demo_tasks(tiny_dir, data_dir, tmp_path / "harness", batch_size=4, dtype="float32")
+@pytest.fixture(scope="module")
+def harness_run(tiny_dir, demo_data, tmp_path_factory):
+    """The real `lmms-eval` command (subprocess, offline) on the tiny folder over the demo tasks, batch 4."""
+    return run_demo_tasks(tiny_dir, demo_data[0], tmp_path_factory.mktemp("harness"), batch_size=4, dtype="float32")
+
+
+def test_lmms_eval_command_on_demo_tasks(harness_run, demo_data):
+    _, rows, answers = demo_data
+    run = harness_run
     assert run.command[0].endswith("lmms-eval") and "deepseek_vl_hf" in run.command
     assert run.results_path.is_file()
     kinds = score(rows, answers)
@@ -71,6 +77,24 @@ def test_lmms_eval_command_on_demo_tasks(tiny_dir, demo_data, tmp_path):
     evaluation = {"categories": {c: {"accuracy": v} for c, v in own.items()}}
     assert all(row["agree"] for row in agreement(figures, evaluation))
     assert "They agree in every category." in harness_section({"harness": figures, "evaluation": evaluation})
+
+
+def test_eval_demo_adds_harness_figures_to_the_demo_metrics(harness_run, demo_data, tmp_path, monkeypatch):
+    """`deepseek-vl-hf eval --demo DIR`: the harness figures land in DIR's metrics (then the report is rewritten)."""
+    import deepseek_vl_hf.demo.report as report
+    import deepseek_vl_hf.evaluation.demo as demo
+
+    _, rows, answers = demo_data
+    evaluation = {"categories": {c: {"accuracy": v} for c, v in by_category(score(rows, answers), "accuracy").items()}}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "metrics.json").write_text(json.dumps({"evaluation": evaluation}), encoding="utf-8")
+    calls, written = [], {}
+    monkeypatch.setattr(demo, "run_demo_tasks", lambda *args: calls.append(args) or harness_run)
+    monkeypatch.setattr(report, "write_outputs", lambda out, metrics: written.update(out=out, metrics=metrics))
+    figures = demo.evaluate_demo(tmp_path, batch_size=4)
+    assert calls[0][:3] == (tmp_path / "model", tmp_path / "data", tmp_path / "harness")
+    assert written["out"] == tmp_path and written["metrics"]["harness"] == figures
+    assert all(row["agree"] for row in agreement(figures, evaluation))
 
 
 def test_harness_section_flags_a_disagreement():
