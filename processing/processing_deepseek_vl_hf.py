@@ -151,9 +151,15 @@ class DeepseekVLHFProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def apply_chat_template(self, conversation, *args, **kwargs):
-        """transformers' chat templating, but an empty conversation is a clear error (not an IndexError)."""
+        """transformers' chat templating, but an empty conversation is a clear error (not an IndexError).
+
+        With `tokenize=True` and no `return_tensors`, the result holds lists, as transformers' processors give
+        (TRL's template probes read token ids from it); `__call__` itself returns tensors unless told otherwise.
+        """
         if not conversation:
             raise ProcessorInputError("the conversation is empty: give at least one message")
+        if kwargs.get("return_tensors", "auto") == "auto":
+            kwargs["return_tensors"] = None
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _split_images(self, texts: list[str], images) -> list[list]:

@@ -9,6 +9,7 @@ why; elsewhere (a developer offline) it is a skip with the same reason.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 COMPAT_PACKAGES = [
     "transformers==4.57.6", "huggingface_hub==0.36.2", "tokenizers==0.22.2",
     "requests", "urllib3", "charset_normalizer", "certifi", "idna",
+    # TRL's client test: the venv's datasets 5.x needs huggingface_hub 1.x, which transformers 4.57 refuses.
+    "datasets==4.8.5", "fsspec==2026.2.0",
 ]
 
 
@@ -29,7 +32,9 @@ def in_ci() -> bool:
 
 def compat_pythonpath() -> str:
     """The overlay folder, installed on first use. When pip cannot install it: a failure in CI, else a skip."""
-    root = Path(os.environ.get("DSVL_COMPAT_DIR", Path.home() / ".cache" / "deepseek-vl-hf" / "transformers-4.57.6"))
+    digest = hashlib.sha256(" ".join(COMPAT_PACKAGES).encode()).hexdigest()[:8]  # a new package list, a new folder
+    default = Path.home() / ".cache" / "deepseek-vl-hf" / f"transformers-4.57.6-{digest}"
+    root = Path(os.environ.get("DSVL_COMPAT_DIR", default))
     marker = root / ".complete"
     if not marker.exists():
         root.mkdir(parents=True, exist_ok=True)
