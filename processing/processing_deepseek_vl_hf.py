@@ -11,7 +11,7 @@ import os
 
 import transformers
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .image_processing_deepseek_vl_hf import SETTING_NAMES as IMAGE_SETTING_NAMES
 from .image_processing_deepseek_vl_hf import DeepseekVLHFImageProcessor, load_image  # noqa: F401
@@ -149,6 +149,16 @@ class DeepseekVLHFProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+    def _get_num_multimodal_tokens(self, image_sizes: list | None = None, **kwargs) -> MultiModalData:
+        """Image tokens (and patches: one) per image of the given (height, width) sizes; what serving engines'
+        transformers backends (vLLM, SGLang) read to reserve placeholder positions. Every image becomes
+        `num_image_tokens`, whatever its size (it is resized and padded to one square)."""
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """transformers' chat templating, but an empty conversation is a clear error (not an IndexError).
