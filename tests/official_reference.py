@@ -15,13 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepseek_vl_hf.conversion.official import convert_official
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoProcessor
 
-from deepseek_vl_hf.checkpoint import build_random_model
 from tests.conftest import make_image
-from tests.conversion_fixtures import randomize_, tiny_official_overrides, write_official_folder
 
 
 def official_pixels(image: Image.Image | bytes, size: int, background, rescale_factor: float = 1 / 255,
@@ -115,6 +111,13 @@ class Converted:
 def convert_random(kind: str, root: Path, full_size: bool = True) -> Converted:
     """Build a random model of `kind` (see FIDELITY_PRESETS), write it in the official layout and convert it with
     no extra settings; the converted folder is loaded through the Auto classes (its remote code)."""
+    # imported here: the preprocessing reference above also serves suites that run on transformers 4.57
+    from deepseek_vl_hf.conversion.official import convert_official
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from deepseek_vl_hf.checkpoint import build_random_model
+    from tests.conversion_fixtures import randomize_, tiny_official_overrides, write_official_folder
+
     preset = FIDELITY_PRESETS[kind]
     source, processor = build_random_model(preset, FULL_SIZE[kind] if full_size else None, seed=0)
     randomize_(source, seed=1)
