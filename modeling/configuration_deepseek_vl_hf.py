@@ -205,6 +205,8 @@ class DeepseekVLHFConfig(PretrainedConfig):
         self.format_version = format_version
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+        # transformers 4.x reads the text config's flag when tying the LM head to the input embeddings.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
         self._check_token_grids()
         self._complete_auto_map()
 

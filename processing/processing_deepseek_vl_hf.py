@@ -351,8 +351,9 @@ class DeepseekVLHFProcessor(ProcessorMixin):
             columns["input_ids"].append(padded(seq, self.pad_token_id))
             if "attention_mask" in columns:
                 columns["attention_mask"].append(padded([1] * len(seq), 0))
-            if "offset_mapping" in columns:
-                columns["offset_mapping"].append(padded([list(span) for span in spans], [0, 0]))
+            if "offset_mapping" in columns:  # pads span nothing, at the edge they sit on: offsets stay sorted
+                edge = 0 if side == "left" or not spans else max(end for _, end in spans)
+                columns["offset_mapping"].append(padded([list(span) for span in spans], [edge, edge]))
             if "mm_token_type_ids" in columns:
                 columns["mm_token_type_ids"].append(padded([int(t == image_id) for t in seq], 0))
         if options["return_text_replacement_offsets"]:

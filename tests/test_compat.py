@@ -11,7 +11,10 @@ import pytest
 
 from tests.compat import compat_pythonpath
 
-CORE_SUITES = ["tests/test_modeling.py", "tests/test_processing.py", "tests/test_generation.py"]
+CORE_SUITES = [
+    "tests/test_modeling.py", "tests/test_processing.py", "tests/test_generation.py",
+    "tests/test_model_contract.py", "tests/test_processor_contract.py", "tests/test_backend_contract.py",
+]
 
 
 @pytest.mark.compat

@@ -296,7 +296,8 @@ def test_assisted_decoding_with_itself_equals_greedy(model):
     """Assisted generation calls the target on the prompt and candidates with an empty cache: the images must
     go in on that call too."""
     assistant = copy.deepcopy(model)
-    assert torch.equal(_greedy(model, assistant_model=assistant), _greedy(model))
+    no_min = {"min_new_tokens": None}  # transformers 4.57 refuses a minimum length with assisted decoding
+    assert torch.equal(_greedy(model, assistant_model=assistant, **no_min), _greedy(model, **no_min))
 
 
 def test_generate_without_cache_recomputes_the_images(model):
