@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from deepseek_vl_hf.conversion.native import native_image_processor, native_pixel_inputs
 from deepseek_vl_hf.processing.image_processing_deepseek_vl_hf import DeepseekVLHFImageProcessor
@@ -84,6 +85,13 @@ def preprocess_rows(mode: str) -> list[Row]:
     with _single_thread():
         for size_name, (width, height) in (SMOKE_SIZES if mode == "smoke" else SIZES).items():
             photos = [photo_jpeg(width, height, seed=seed) for seed in range(max(BATCHES))]
+            decoded = decode(photos[0])
+            reads = interleaved({"read": lambda decoded=decoded: np.asarray(decoded).copy(),
+                                 "decode": lambda data=photos[0]: decode(data)}, repeats=repeats, warmup=1)
+            rows.append(time_row(
+                f"{size_name} JPEG: public pixel read (numpy.asarray + writable copy) vs PIL decode", reads["read"],
+                reads["decode"], "ms/img", like_for_like=False,
+                note="the cost of public APIs on the torch backend (the removed ctypes view read pixels in place)"))
             for batch in BATCHES:
                 data = photos[:batch]
                 contenders = {
