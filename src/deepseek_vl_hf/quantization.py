@@ -78,14 +78,18 @@ def quantization_config(kind: str, device: str = "cpu", group_size: int = INT4_G
     raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
 
 
-def load_quantized(model_dir: str | os.PathLike, kind: str, device: str = "cpu", dtype: Any = "auto"):
-    """Load a folder with the Auto classes + trust_remote_code, quantizing the LLM's linear layers to `kind`."""
+def load_quantized(
+    model_dir: str | os.PathLike, kind: str, device: str = "cpu", dtype: Any = "auto", **from_pretrained_kwargs: Any
+):
+    """Load a folder with the Auto classes + trust_remote_code, quantizing the LLM's linear layers to `kind`;
+    `from_pretrained_kwargs` go to `from_pretrained` (e.g. `disable_mmap=True`)."""
     from transformers import AutoModelForCausalLM
 
     config = quantization_config(kind, device)
     placement = {"device_map": {"": device}} if kind.startswith("bnb-") else {}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=dtype, quantization_config=config, **placement
+        model_dir, trust_remote_code=True, dtype=dtype, quantization_config=config, **placement,
+        **from_pretrained_kwargs,
     )
     if not placement:
         model = model.to(device)
