@@ -758,7 +758,8 @@ class DeepseekVLHFModel(DeepseekVLHFPreTrainedModel):
         if pixel_values is not None or input_ids is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         if not _is_compiling():
-            past = 0 if cache is None else int(cache.get_seq_length())
+            # caches without a length (transformers' paged cache for continuous batching) skip the length guard
+            past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             self._check_inputs(image_mask, pixel_values, past, inputs_embeds.shape[1])
         image_features = None
         if pixel_values is not None:

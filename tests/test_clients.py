@@ -78,6 +78,18 @@ def test_image_text_to_text_pipeline(tiny_pair, client_dir, tmp_path, compat):
     assert result["full_last_role"] == "assistant" and result["full_last_text"] == answer
 
 
+@pytest.mark.parametrize("compat", [False, pytest.param(True, marks=pytest.mark.compat)], ids=["5.x", "4.57"])
+def test_generic_model_contract_from_the_folder(tiny_pair, client_dir, tmp_path, compat):
+    out = tmp_path / "contract.json"
+    run_client(SCRIPTS / "contract_client.py", [str(client_dir / "tiny"), str(out)], tmp_path, compat=compat)
+    result = json.loads(out.read_text())
+    assert result.pop("transformers").startswith("4.57." if compat else "5.")
+    assert result.pop("base_output_class") == "DeepseekVLHFModelOutputWithPast"
+    assert result.pop("base_model_class") == "DeepseekVLHFModel"
+    assert result.pop("resized_vocab") == tiny_pair[0].config.text_config.vocab_size + 8
+    assert result == {key: True for key in result} and len(result) == 8, result
+
+
 def _trl(client_dir: Path, tmp_path: Path, mode: str, compat: bool = False) -> dict:
     out = tmp_path / f"trl-{mode}.json"
     run_client(SCRIPTS / "trl_client.py", [str(client_dir / "tiny"), mode, str(out), str(tmp_path / "work")],
