@@ -668,10 +668,11 @@ save_checkpoint(model, processor, sys.argv[1], overwrite=True)
 """
 
 
-def kill_when_paused(command: list[str], point: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> str:
-    """Run `command` with the test pause at `point`, SIGKILL it once it says it is there; return its output."""
-    env = {**(env or os.environ), "DEEPSEEK_VL_HF_TEST_PAUSE": point, "OMP_NUM_THREADS": "2"}
-    log = cwd / f"killed-{time.monotonic_ns()}.log"
+def kill_when_paused(command: list[str], point: str, cwd: Path, log_dir: Path | None = None, timeout: float = 240) -> str:
+    """Run `command` in `cwd` with the test pause at `point`, SIGKILL it once it says it is there; return its output
+    (logged in `log_dir`, default `cwd`)."""
+    env = {**os.environ, "DEEPSEEK_VL_HF_TEST_PAUSE": point, "OMP_NUM_THREADS": "2"}
+    log = (log_dir or cwd) / f"killed-{time.monotonic_ns()}.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
         try:

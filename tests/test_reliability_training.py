@@ -72,7 +72,7 @@ def test_train_killed_mid_checkpoint_resumes_bit_identical(stage1, data, tmp_pat
     here with 2 loader workers (their counts summed)."""
     out = tmp_path / "run"
     args = train_args(out, data, "--set", "train.dataloader_num_workers=2")
-    kill_when_paused([*CLI, *args], "trainer-checkpoint checkpoint-2", REPO)
+    kill_when_paused([*CLI, *args], "trainer-checkpoint checkpoint-2", REPO, log_dir=tmp_path)
     checkpoints = tmp_path / "run-checkpoints"
     assert (checkpoints / "checkpoint-1" / COMPLETE_MARKER).is_file()
     assert (checkpoints / "checkpoint-2" / "model.safetensors").is_file()
