@@ -23,6 +23,10 @@ SECTIONS = (
     "training",
     "modality_grouping",
     "sft_encoding",
+    "quantization",
+    "serving",
+    "evaluation",
+    "data_cost",
 )
 
 

@@ -62,8 +62,6 @@ def test_every_section_runs_in_smoke_mode_and_its_checks_hold(name):
         assert row.correct is not False, row
     if any(row.correct is not None for row in rows):  # a section that checks outputs checks them in smoke mode
         assert all(row.correct for row in rows if row.correct is not None)
-    for target in getattr(module, "TARGETS", ()):  # every target finds like-for-like rows to judge
-        assert "no like-for-like row" not in target.judge(rows)["detail"], target
 
 
 def test_benchmarks_md_is_written_from_the_stored_results():

@@ -15,6 +15,7 @@ a run is reproducible (fp32, seeded) whatever the machine's speed.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -441,7 +442,8 @@ def run_demo(
         "minutes": minutes,
         "seed": seed,
         "budget": asdict(budget),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average_start": round(os.getloadavg()[0], 1)},
         "manifest": json.loads((data_dir / "manifest.json").read_text(encoding="utf-8")),
     }
     metrics["data_seconds"] = round(time.perf_counter() - started, 1)
@@ -457,6 +459,7 @@ def run_demo(
         metrics.update(run=run, evaluation=evaluation)
         metrics["model"] = str(export_model(run, evaluation, budget, out / "model"))
     metrics["calibration"] = planner.summary()
+    metrics["machine"]["load_average_end"] = round(os.getloadavg()[0], 1)  # other jobs' share of the cores
     metrics["wall_seconds"] = time.perf_counter() - started
     report = write_outputs(out, metrics)
     log(f"demo: finished in {metrics['wall_seconds'] / 60:.1f} minutes; report: {report}")
