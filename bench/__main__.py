@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--smoke figures are not published; --write needs a full or --quick run")
     setup(THREADS)
     print(machine_info(), flush=True)
-    results = load_results()
     for name in args.only or SECTIONS:
         result = run_section(name, mode)
         print(f"\n{format_table(result['title'], rows_of(result), tuple(result['labels']))}\n\n"
               f"({name}: {result['seconds']:.0f} s; {MachineCheck(**result['machine']).line()})", flush=True)
         for verdict in result["targets"]:
             print(f"target {verdict['target']}: {'met' if verdict['met'] else 'NOT met'} ({verdict['detail']})")
-        if args.write:  # stored section by section, so an interrupted run keeps what it measured
+        if args.write:  # stored section by section (re-read first: another run may have stored its sections)
+            results = load_results()
             results["sections"][name] = result
             save_results(results)
             render_file(SECTIONS)
