@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers
 from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models.vision_transformer import Block as TimmViTBlock
+from timm.models.vision_transformer_sam import Attention as TimmSamAttention
 from timm.models.vision_transformer_sam import Block as TimmSamBlock
 from timm.models.vision_transformer_sam import get_rel_pos
 from torch import nn
@@ -269,51 +270,63 @@ def _rel_pos_attention(
     return out
 
 
-class DeepseekVLSamBlock(TimmSamBlock):
-    """timm SAM block (windowed or global attention with decomposed relative positions), for FSDP auto-wrap.
+class DeepseekVLSamAttention(TimmSamAttention):
+    """timm's SAM attention, reorganised for speed: the relative-position bias is built in chunks
+    (`_rel_pos_attention`), and windowed attention projects q/k/v and the output on the unpadded tokens only.
 
-    `forward` computes what timm's does, reorganised for speed: the relative-position bias is built in chunks
-    (`_rel_pos_attention`), and windowed blocks project q/k/v and the output on the unpadded tokens only.
-    `eager_attention` (set by the encoder from its config's attention implementation) forces the math path.
+    Its parameters are read inside its own `forward` (and the qkv bias through `qkv`), so accelerate's offload
+    hooks load each of them before use when a `device_map` places the block on another device or on disk.
     """
 
-    eager_attention = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0, eager: bool = False) -> torch.Tensor:
+        """`[B, H, W, C]` normalised tokens -> attention output after `proj`; `window_size` 0 is global attention,
+        `eager` forces the written-out math path."""
         batch, height, width, channels = x.shape
-        heads = self.attn.num_heads
-        qkv = self.attn.qkv(self.norm1(x))
-        if self.window_size == 0:  # global attention over the (square) token grid
-            q, k, v = qkv.view(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            out = _rel_pos_attention(
-                q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, height, eager=self.eager_attention
-            )
+        qkv = self.qkv(x)
+        if window_size == 0:  # global attention over the (square) token grid
+            q, k, v = qkv.view(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            out = _rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, height, eager=eager)
             out = out.transpose(1, 2).reshape(batch, height, width, channels)
         else:
-            out = self._window_attention(qkv, self.window_size)
-        x = x + self.attn.proj(out)
-        return x + self.mlp(self.norm2(x))
+            out = self._window_attention(qkv, window_size, eager)
+        return self.proj(out)
 
-    def _window_attention(self, qkv: torch.Tensor, size: int) -> torch.Tensor:
+    def _window_attention(self, qkv: torch.Tensor, size: int, eager: bool) -> torch.Tensor:
         """Attention within `size` x `size` windows of the `[B, H, W, 3C]` projections -> `[B, H, W, C]`.
 
         timm pads the normalised tokens with zeros before projecting; the projection of a zero token is the
-        qkv bias, so padding the projections with that bias gives the same windows.
+        qkv bias, so padding the projections with it gives the same windows.
         """
         batch, height, width, channels3 = qkv.shape
-        heads = self.attn.num_heads
+        heads = self.num_heads
         padded_h, padded_w = -(-height // size) * size, -(-width // size) * size
         if (padded_h, padded_w) != (height, width):
-            fill = self.attn.qkv.bias if self.attn.qkv.bias is not None else qkv.new_zeros(channels3)
-            padded = fill.to(qkv.dtype).expand(batch, padded_h, padded_w, channels3).clone()
+            fill = self.qkv(qkv.new_zeros(1, channels3 // 3))[0]  # exactly the bias (zeros without one)
+            padded = fill.expand(batch, padded_h, padded_w, channels3).clone()
             padded[:, :height, :width] = qkv
             qkv = padded
         rows, cols = padded_h // size, padded_w // size
         windows = qkv.view(batch, rows, size, cols, size, 3, heads, -1).permute(5, 0, 1, 3, 6, 2, 4, 7)
         q, k, v = windows.reshape(3, batch * rows * cols, heads, size * size, -1).unbind(0)
-        out = _rel_pos_attention(q, k, v, self.attn.rel_pos_h, self.attn.rel_pos_w, size, eager=self.eager_attention)
+        out = _rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, size, eager=eager)
         out = out.view(batch, rows, cols, heads, size, size, -1).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(batch, padded_h, padded_w, channels3 // 3)[:, :height, :width]
+
+
+class DeepseekVLSamBlock(TimmSamBlock):
+    """timm SAM block (windowed or global attention with decomposed relative positions), for FSDP auto-wrap,
+    with `DeepseekVLSamAttention` (same parameters as timm's). `eager_attention` (set by the encoder from its
+    config's attention implementation) forces the math path."""
+
+    eager_attention = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attn.__class__ = DeepseekVLSamAttention  # a subclass adding no state: the same parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.window_size, self.eager_attention)
+        return x + self.mlp(self.norm2(x))
 
 
 class DeepseekVLSiglipEncoder(_CheckpointedBlocks):
@@ -341,10 +354,7 @@ class DeepseekVLSiglipEncoder(_CheckpointedBlocks):
         )
         self.norm = norm_layer(config.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_states(pixel_values).last_hidden_state
-
-    def forward_with_states(
+    def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
     ) -> BaseModelOutputWithPast:
         """`last_hidden_state [B, T, C]` after the final LayerNorm; `hidden_states` (embeddings + each kept block)
@@ -473,7 +483,7 @@ class DeepseekVLVisionEncoder(nn.Module):
         low_input = pixels
         if pixels.shape[-1] != siglip_cfg.image_size:
             low_input = _resize_fp32(pixels, siglip_cfg.image_size, antialias=True)
-        low = self.siglip.forward_with_states(
+        low = self.siglip(  # through __call__, so accelerate's offload hooks on the encoder run
             _normalize(low_input, siglip_cfg.image_mean, siglip_cfg.image_std).to(dtype),
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,

@@ -272,7 +272,7 @@ def test_native_pixel_inputs_are_what_our_model_computes(tiny_pair):
     vision = model.model.vision_model
     with torch.no_grad():
         low, high = vision(pixels)
-        assert torch.equal(low, vision.siglip(inputs["pixel_values"]))
+        assert torch.equal(low, vision.siglip(inputs["pixel_values"]).last_hidden_state)
         assert torch.equal(high, vision.sam(inputs["high_res_pixel_values"]))
     assert np.isfinite(inputs["pixel_values"].numpy()).all()
 
