@@ -12,24 +12,15 @@ settings `resample_backend="torch"`, `alpha_mode="composite"`. fp32, CPU.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
+from bench.harness import write_readme_block
 from tests.official_reference import FIDELITY_PRESETS, OPT_IN, fidelity_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- fidelity:start -->", "<!-- fidelity:end -->")
 
 
-def write_readme(text: str, readme: Path = README) -> None:
-    """Replace what README.md holds between the fidelity markers with `text` (atomic replace of the file)."""
-    content = readme.read_text(encoding="utf-8")
-    start, end = (content.index(marker) for marker in MARKERS)
-    updated = content[: start + len(MARKERS[0])] + "\n" + text + "\n" + content[end:]
-    with tempfile.NamedTemporaryFile("w", dir=readme.parent, delete=False, encoding="utf-8") as tmp:
-        tmp.write(updated)
-    os.replace(tmp.name, readme)
 
 
 def render(rows: list[dict]) -> str:
@@ -52,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             + render(fidelity_table(full_size=not args.small)))
     print(text)
     if args.write_readme:
-        write_readme(text)
+        write_readme_block(MARKERS, text)
         print(f"wrote {README}")
 
 

@@ -20,9 +20,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -273,3 +275,14 @@ def _child(target: str, arguments: str) -> None:
 
 if __name__ == "__main__":
     _child(*sys.argv[1:3])
+
+
+def write_readme_block(markers: tuple[str, str], text: str, readme: Path | None = None) -> None:
+    """Replace what README.md (or `readme`) holds between the two `markers` with `text`; atomic replace."""
+    readme = readme or Path(__file__).resolve().parents[1] / "README.md"
+    content = readme.read_text(encoding="utf-8")
+    start, end = (content.index(marker) for marker in markers)
+    updated = content[: start + len(markers[0])] + "\n" + text + "\n" + content[end:]
+    with tempfile.NamedTemporaryFile("w", dir=readme.parent, delete=False, encoding="utf-8") as tmp:
+        tmp.write(updated)
+    os.replace(tmp.name, readme)

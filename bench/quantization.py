@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .harness import Row, isolated, setup
+from .harness import Row, isolated, setup, write_readme_block
 
 TITLE = "Quantized inference (CPU): int8 / int4 weight-only (torchao) vs bf16, 7B shape"
 LABELS = ("quantized", "bf16")
@@ -301,14 +301,6 @@ def accuracy_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(table: str, readme: Path = README) -> None:
-    """Replace the text between README.md's quantization markers with `table` (atomic replace of the file)."""
-    text = readme.read_text(encoding="utf-8")
-    start, end = (text.index(marker) for marker in MARKERS)
-    updated = text[: start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:]
-    with tempfile.NamedTemporaryFile("w", dir=readme.parent, delete=False, encoding="utf-8") as tmp:
-        tmp.write(updated)
-    os.replace(tmp.name, readme)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -323,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     table = accuracy_table(accuracy(args.demo))
     print(table)
     if args.write_readme:
-        write_readme(table)
+        write_readme_block(MARKERS, table)
         print(f"wrote {README}")
 
 
