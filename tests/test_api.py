@@ -400,6 +400,23 @@ def test_full_queue_503_and_a_disconnect_frees_the_slot(single_server):
     assert (health["running"], health["queued"]) == (0, 0)
 
 
+def test_a_non_streaming_client_that_disconnects_frees_its_slot(single_server):
+    """A plain (non-streaming) request whose client gives up: the server notices the closed connection and
+    cancels the job instead of generating its 900 tokens."""
+    before = single_server.health()
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "tell a very long story"}], "max_tokens": 900,
+            "temperature": 0}
+    with httpx.Client(timeout=httpx.Timeout(60, read=1.0)) as http, pytest.raises(httpx.ReadTimeout):
+        http.post(f"{single_server.url}/v1/chat/completions", json=long)  # closes the connection on timeout
+    deadline = time.monotonic() + 30
+    while single_server.health()["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, f"the abandoned request was not cancelled: {single_server.health()}"
+        time.sleep(0.05)
+    health = single_server.health()
+    assert health["finished"] == before["finished"]  # cancelled, not answered to nobody
+    assert (health["running"], health["queued"]) == (0, 0)
+
+
 def test_sigterm_drains_requests_in_flight(single_server, reference):
     """Last user of the single server: SIGTERM while an answer is being generated; it completes, then exit 0."""
     messages, images, _ = case(7)

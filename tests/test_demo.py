@@ -184,7 +184,30 @@ def test_planner_cuts_steps_to_the_time_left_and_says_what_it_cut():
     assert slow.steps() < 200 and slow.summary()["cut"] == [f"stage0 800 -> {total} steps"]
     fixed = timing.Planner(7.0, plan, enabled=False)
     assert fixed.size_stage0(9, 5.0) == 800 and fixed.steps() == 800
-    assert not fixed.summary()["enabled"]
+    assert not fixed.summary()["enabled"] and fixed.deadline(800) is None
+
+
+def test_a_stage_slower_than_planned_is_stopped_by_its_clock():
+    from transformers import TrainerControl
+
+    from deepseek_vl_hf.demo import timing
+    from deepseek_vl_hf.demo.pipeline import StageClock
+
+    plan = [("stage0", 800), ("stage1", 200), ("stage2", 300), ("stage3", 1600)]
+    planner = timing.Planner(7.0, plan)
+    assert planner.deadline(10) is None  # not calibrated yet
+    total = planner.size_stage0(9, 0.2)
+    planner.finished("stage0", total, 0.2 * total + 2, 0.2 * total, 800)
+    steps = planner.steps()
+    assert planner.deadline(steps) == pytest.approx(
+        steps * timing.RELATIVE_COST["stage1"] * 0.2 * timing.DEADLINE_SLACK)
+    planner.finished("stage1", steps - 5, 10.0, 9.0, 200, planned_steps=steps)
+    assert planner.summary()["cut"][-1] == f"stage1 200 -> {steps - 5} steps (stopped by its clock)"
+    for seconds, stops in ((0.0, True), (60.0, False)):
+        clock, control = StageClock(seconds), TrainerControl()
+        clock.on_train_begin(None, None, control)
+        clock.on_step_end(None, None, control)
+        assert control.should_training_stop is stops
 
 
 def test_budget_scales_with_minutes():

@@ -5,7 +5,10 @@ so the full-precision model never sits in memory whole. The model class leaves t
 the LM head in the compute dtype (`DeepseekVLHFPreTrainedModel._quantization_skip_modules`), with or without
 this package: the same configs work on a folder loaded with `trust_remote_code=True` alone.
 
-- `int8`: torchao's weight-only int8, one scale per output row. Folders saved quantized reload as they are.
+- `int8`: torchao's weight-only int8, one scale per output row. Folders saved quantized reload as they are. On
+  CPU, `load_quantized` routes these layers through one compiled `F.linear` (`compile_int8_linears`): eager,
+  torchao converts each int8 matrix to the activation dtype on every call (slower than bf16); compiled, Inductor
+  lowers the layer to ATen's fused int8 weight-only matmul, which reads one byte per weight.
 - `int4`: torchao's CPU int4 (groups of 128 input features, asymmetric, packed for ATen's CPU int4 matmul).
   Its packed layout has no safetensors form: save the unquantized folder and quantize again when loading.
 - `bnb-nf4`, `bnb-int8`: bitsandbytes 4-bit NF4 (bf16 compute) and LLM.int8(); they need a CUDA GPU.
@@ -13,8 +16,10 @@ this package: the same configs work on a folder loaded with `trust_remote_code=T
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import types
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -79,10 +84,13 @@ def quantization_config(kind: str, device: str = "cpu", group_size: int = INT4_G
 
 
 def load_quantized(
-    model_dir: str | os.PathLike, kind: str, device: str = "cpu", dtype: Any = "auto", **from_pretrained_kwargs: Any
+    model_dir: str | os.PathLike, kind: str, device: str = "cpu", dtype: Any = "auto", compile_int8: bool = True,
+    **from_pretrained_kwargs: Any,
 ):
     """Load a folder with the Auto classes + trust_remote_code, quantizing the LLM's linear layers to `kind`;
-    `from_pretrained_kwargs` go to `from_pretrained` (e.g. `disable_mmap=True`)."""
+    int8 on CPU runs compiled unless `compile_int8=False` (see `compile_int8_linears`). `from_pretrained_kwargs`
+    go to `from_pretrained` (e.g. `disable_mmap=True`)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = quantization_config(kind, device)
@@ -93,7 +101,44 @@ def load_quantized(
     )
     if not placement:
         model = model.to(device)
+    if kind == "int8" and compile_int8 and torch.device(device).type == "cpu":
+        compile_int8_linears(model)
     return model.eval()
+
+
+@functools.cache
+def _compiled_linear():
+    import torch
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    # Inductor's on-disk graph cache cannot key graphs on torchao's tensor subclass (it logs a traceback per
+    # graph and compiles anyway): leave it off for this function.
+    return torch.compile(linear, options={"fx_graph_cache": False})
+
+
+def _int8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _compiled_linear()(x, self.weight, self.bias)
+
+
+def compile_int8_linears(model: torch.nn.Module) -> int:
+    """Run every linear layer holding torchao int8 weights through one `torch.compile`d `F.linear`.
+
+    On CPU this turns torchao's eager int8 path (convert the whole int8 matrix, then a bf16 matmul) into ATen's
+    fused int8 weight-only matmul: decode and prefill then run faster than bf16 (BENCHMARKS.md). The graphs
+    (one per weight shape, the token count dynamic) are compiled on the first calls, a few seconds each; outputs
+    differ from the eager int8 path by bf16 rounding only. Needs a C++ compiler (Inductor's CPU backend).
+    Returns the number of layers routed.
+    """
+    import torch
+
+    routed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Int8Tensor":
+            module.forward = types.MethodType(_int8_forward, module)
+            routed += 1
+    return routed
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, str]:

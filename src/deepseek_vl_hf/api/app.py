@@ -2,7 +2,8 @@
 
 Requests are validated and encoded in a worker thread (the processor's CPU work stays off the event loop), then
 queued to the `Engine`, whose thread streams events back through an asyncio queue. Every error is answered in
-OpenAI's error shape; a client that disconnects cancels its job, which frees its batch slot at the next step.
+OpenAI's error shape; a client that disconnects (streaming or not) cancels its job, which frees its batch slot at
+the next step.
 FastAPI is the optional `api` extra: only the `api` command imports this module.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -106,9 +107,12 @@ def build_app(model, processor, model_name: str, engine: Engine, limits: Limits,
             return StreamingResponse(_stream(engine, job, events, completion_id, model_name, prepared),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text, finish, usage = [], None, None
+            text, finish, usage, watch = [], None, None, _DisconnectWatch(events, request)
             while finish is None:
-                event = await events.get()
+                event = await watch.next()
+                if event is None:  # the client went away: free its slot now, not after max_tokens
+                    engine.cancel(job)
+                    return Response(status_code=499)
                 if event[0] == "delta":
                     text.append(event[1])
                 elif event[0] == "error":
@@ -126,6 +130,31 @@ def build_app(model, processor, model_name: str, engine: Engine, limits: Limits,
         }
 
     return app
+
+
+class _DisconnectWatch:
+    """Reads a non-streaming job's events and notices when its client has gone: the server learns of a closed
+    connection only by asking, so it asks every `poll_s`, whether events are flowing or not."""
+
+    def __init__(self, events: asyncio.Queue, request: Request, poll_s: float = 0.25):
+        self.events, self.request, self.poll_s = events, request, poll_s
+        self.checked = time.monotonic()
+
+    async def next(self) -> tuple | None:
+        """The job's next event, or None once the client has disconnected."""
+        getter = asyncio.ensure_future(self.events.get())
+        try:
+            while True:
+                wait = self.checked + self.poll_s - time.monotonic()
+                if wait > 0:
+                    done, _ = await asyncio.wait({getter}, timeout=wait)
+                    if done:
+                        return getter.result()
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    return None
+        finally:
+            getter.cancel()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

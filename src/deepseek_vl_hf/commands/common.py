@@ -57,5 +57,9 @@ def load_model_and_processor(model_dir: str, device: str = "cpu", dtype: str = "
             raise SystemExit(f"error: {exc}") from None
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtypes[dtype]).to(device)
+        if torch.device(device).type == "cpu":  # a folder saved at int8 runs compiled, as --quantize int8 does
+            from deepseek_vl_hf.quantization import compile_int8_linears
+
+            compile_int8_linears(model)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     return model.eval(), processor

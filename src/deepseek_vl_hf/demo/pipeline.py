@@ -187,6 +187,22 @@ class LossLog(TrainerCallback):
             self.losses.append((state.global_step, float(logs["loss"])))
 
 
+class StageClock(TrainerCallback):
+    """Stops a Trainer stage once its training loop has run `seconds` (the time planner's share for it), so a
+    stage whose steps are slower than planned cannot overrun the demo's budget; the model trained so far is saved
+    as usual."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if time.perf_counter() - self._start >= self.seconds:
+            control.should_training_stop = True
+
+
 def load_folder(folder: Path) -> tuple[DeepseekVLHFForCausalLM, DeepseekVLHFProcessor]:
     """A stage folder's model (fp32, eval mode) and processor."""
     model = DeepseekVLHFForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -198,13 +214,15 @@ def _losses(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items() if k.endswith(("_loss", "_ppl"))}
 
 
-def train_stage(tree: dict[str, Any], recipe_path: Path) -> dict[str, Any]:
-    """Write the recipe, run it with `run_stage`, and return its losses, final metrics and wall time."""
+def train_stage(tree: dict[str, Any], recipe_path: Path, deadline_s: float | None = None) -> dict[str, Any]:
+    """Write the recipe, run it with `run_stage` (stopped after `deadline_s` of training when given), and return
+    its losses, final metrics and wall time."""
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Written by `deepseek-vl-hf demo`; re-run with: deepseek-vl-hf train {recipe_path}\n"
     recipe_path.write_text(header + yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     log, start = LossLog(), time.perf_counter()
-    folder = run_stage(load_recipe(recipe_path), recipe_path=str(recipe_path), callbacks=[log])
+    clock = [StageClock(deadline_s)] if deadline_s is not None else []
+    folder = run_stage(load_recipe(recipe_path), recipe_path=str(recipe_path), callbacks=[log, *clock])
     transformers.logging.set_verbosity_warning()
     shutil.rmtree(f"{folder}-checkpoints", ignore_errors=True)
     metadata = read_metadata(folder)
@@ -278,12 +296,14 @@ def train_model(
         share = stage2_language_share if stage == 2 else STAGES[stage].language_share
         steps, start = planner.steps() if planner else budget.stage_steps[stage - 1], time.perf_counter()
         tree = stage_recipe(stage, data_dir, previous, work_dir / "stages" / name, steps, budget.batch_size, share)
-        run["stages"][name] = {**train_stage(tree, work_dir / "recipes" / f"{name}.yaml"), "language_share": share}
+        deadline = planner.deadline(steps) if planner else None
+        run["stages"][name] = {**train_stage(tree, work_dir / "recipes" / f"{name}.yaml", deadline),
+                               "language_share": share}
         previous = Path(run["stages"][name]["folder"])
         run["text_accuracy"][name] = evaluate_text(*load_folder(previous), text_rows, data_dir)
         if planner:
-            planner.finished(name, steps, time.perf_counter() - start, run["stages"][name]["train_seconds"],
-                             budget.stage_steps[stage - 1])
+            planner.finished(name, run["stages"][name]["steps"], time.perf_counter() - start,
+                             run["stages"][name]["train_seconds"], budget.stage_steps[stage - 1], planned_steps=steps)
     return run
 
 
