@@ -28,6 +28,9 @@ import pytest
 import torch
 from PIL import Image
 
+from deepseek_vl_hf.api.app import default_sampling
+from deepseek_vl_hf.api.engine import Engine, Job
+from deepseek_vl_hf.api.protocol import Limits, parse_body, prepare, template_prefix
 from deepseek_vl_hf.cli import main as cli_main
 from deepseek_vl_hf.commands.common import load_model_and_processor
 from tests.conftest import make_image
@@ -323,6 +326,44 @@ BAD_REQUESTS = [
     ("max_tokens over the limit", {**GOOD, "max_tokens": 5000}, 400, "max_tokens=5000 is over the limit"),
     ("stop with 5 strings", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
 ]
+
+
+def _engine_answers(reference, prefix_ids: list[int], indices: range) -> tuple[list[tuple], Engine]:
+    """`case(i)` requests submitted together to an in-process engine: each job's events, in order."""
+    model, processor = reference
+    limits = Limits(context_length=model.config.text_config.max_position_embeddings, max_image_bytes=10**7,
+                    allow_local_files=False)
+    engine = Engine(model, processor.tokenizer, max_batch_size=8, batch_wait_s=0.5, prefix_ids=prefix_ids)
+    events: list[list[tuple]] = []
+    finished = threading.Semaphore(0)
+    for index in indices:
+        messages, images, max_tokens = case(index)
+        body = {"model": MODEL, "messages": to_openai(messages, images), "max_tokens": max_tokens, "temperature": 0}
+        prepared = prepare(parse_body(json.dumps(body).encode()), processor, limits, default_sampling(model))
+        log: list[tuple] = []
+        events.append(log)
+        engine.submit(Job(prepared, lambda e, log=log: (log.append(e), e[0] != "delta" and finished.release())))
+    engine.start()
+    for _ in indices:
+        assert finished.acquire(timeout=120)
+    engine.stop()
+    return [tuple(log) for log in events], engine
+
+
+def test_prefix_cache_gives_the_answers_of_a_full_prefill(reference):
+    """Prompts that start with the template's system prompt prefill only what follows it (the prefix's cache
+    computed once, shifted per row): same answers as prefilling whole prompts, also for a short prefix that a
+    row's left padding outgrows."""
+    model, processor = reference
+    prefix = template_prefix(processor)
+    assert processor.tokenizer.decode(prefix).endswith("User:") and len(prefix) > 30
+    single_turn = range(0, 12, 4)  # 0-2 images, one user turn: prompts of different lengths, all with the prefix
+    plain, _ = _engine_answers(reference, [], single_turn)
+    cached, engine = _engine_answers(reference, prefix, single_turn)
+    short, short_engine = _engine_answers(reference, prefix[:3], single_turn)
+    assert engine._prefix_kv is not None and short_engine._prefix_kv is not None  # the prefix path ran
+    assert cached == plain and short == plain
+    assert all(log[-1][0] == "done" for log in plain)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(main_server):

@@ -7,6 +7,10 @@ a group and join at the next step (their cache rows are left-padded to the batch
 are masked and positions count real tokens only, so each row computes what it would compute alone; greedy
 answers equal `model.generate`'s (tests/test_api.py checks 32 mixed concurrent requests).
 
+Prefix cache: every prompt starts with the chat template's system prompt (`prefix_ids`, about 50 tokens of a
+60-token question). Its keys and values are computed once; a group whose prompts all start with it prefills only
+what follows (a row's cached columns are the prefix's, shifted right by the row's left padding).
+
 transformers' continuous batching (`generate_batch`, paged attention) takes token ids only, with no way to pass
 each request's `pixel_values`, so it cannot serve image prompts for this model.
 """
@@ -17,7 +21,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,8 +56,11 @@ class Job:
 class Engine:
     """Runs jobs in batches of up to `max_batch_size` on a worker thread; at most `max_queue` jobs wait."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
+                 prefix_ids: Sequence[int] = ()):
         self.model = model
+        self.prefix_ids = list(prefix_ids)
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, [1, heads, P, dim]
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -142,7 +149,10 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> None:
         """Run the new jobs' prompts as one left-padded batch and add their cache rows to the shared cache."""
         device = self.model.device
-        width = max(job.prompt_tokens for job in jobs)
+        prefix = len(self.prefix_ids)
+        if not prefix or not all(job.prepared.input_ids[:prefix] == self.prefix_ids for job in jobs):
+            prefix = 0
+        width = prefix + max(job.prompt_tokens - prefix for job in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for row, job in enumerate(jobs):
@@ -151,14 +161,32 @@ class Engine:
             mask[row, job.pad:] = 1
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         pixels = [job.prepared.pixel_values for job in jobs if job.prepared.pixel_values is not None]
-        cache = DynamicCache()
+        # the first `prefix` columns come from the prefix cache; only the columns after them are computed
+        cache = self._prefix_cache([job.pad for job in jobs]) if prefix else DynamicCache()
         out = self.model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            input_ids=ids[:, prefix:].to(device), attention_mask=mask.to(device),
+            position_ids=positions[:, prefix:].to(device),
             pixel_values=torch.cat(pixels).to(device) if pixels else None,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
         self._join(cache, jobs)
         self._advance(jobs, out.logits[:, -1, :])
+
+    def _prefix_cache(self, pads: list[int]) -> DynamicCache:
+        """A cache of `len(pads)` rows holding the prefix's keys and values, row r shifted right by `pads[r]`
+        (its left padding): the columns a left-padded row of the whole prompt has at the prefix's place."""
+        if self._prefix_kv is None:
+            cache = DynamicCache()
+            self.model(input_ids=torch.tensor([self.prefix_ids], device=self.model.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            self._prefix_kv = _layers(cache)
+        width = len(self.prefix_ids)
+        layers = [
+            tuple(torch.cat([F.pad(t[:, :, : max(width - pad, 0)], (0, 0, min(pad, width), 0)) for pad in pads])
+                  for t in layer)
+            for layer in self._prefix_kv
+        ]
+        return DynamicCache(layers)
 
     def _decode(self) -> None:
         """One decode step of every active job."""

@@ -235,3 +235,18 @@ def prepare(request: ChatCompletionRequest, processor, limits: Limits, defaults:
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )
+
+
+def template_prefix(processor) -> list[int]:
+    """The token ids every prompt of the chat template starts with (its system prompt and first role tag): the
+    common start of two one-message prompts. The engine caches them once (`Engine(prefix_ids=...)`)."""
+    first, second = (
+        processor(text=processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                                     add_generation_prompt=True, tokenize=False),
+                  return_tensors="pt")["input_ids"][0].tolist()
+        for text in ("1", "x")
+    )
+    common = 0
+    while common < min(len(first), len(second)) and first[common] == second[common]:
+        common += 1
+    return list(first[:common])

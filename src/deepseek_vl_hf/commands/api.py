@@ -20,14 +20,15 @@ def run(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise SystemExit(f"deepseek-vl-hf api: {API_EXTRA_HINT} ({exc})") from None
     from deepseek_vl_hf.api.engine import Engine
-    from deepseek_vl_hf.api.protocol import Limits
+    from deepseek_vl_hf.api.protocol import Limits, template_prefix
     from deepseek_vl_hf.commands.common import load_model_and_processor
 
     if args.max_batch_size < 1 or args.max_queue < 1:
         raise SystemExit("deepseek-vl-hf api: --max-batch-size and --max-queue must be at least 1")
     model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.quantize)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    engine = Engine(model, processor.tokenizer, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000)
+    engine = Engine(model, processor.tokenizer, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000,
+                    prefix_ids=template_prefix(processor))
     limits = Limits(context_length=model.config.text_config.max_position_embeddings,
                     max_image_bytes=args.max_image_bytes, allow_local_files=args.allow_local_files)
     app = build_app(model, processor, name, engine, limits)
