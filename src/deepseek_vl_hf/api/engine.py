@@ -7,9 +7,10 @@ a group and join at the next step (their cache rows are left-padded to the batch
 are masked and positions count real tokens only, so each row computes what it would compute alone; greedy
 answers equal `model.generate`'s (tests/test_api.py checks 32 mixed concurrent requests).
 
-Prefix cache: every prompt starts with the chat template's system prompt (`prefix_ids`, about 50 tokens of a
-60-token question). Its keys and values are computed once; a group whose prompts all start with it prefills only
-what follows (a row's cached columns are the prefix's, shifted right by the row's left padding).
+Prefix cache: every prompt starts with the chat template's system prompt (`prefix_ids`, 41 tokens with our
+template, most of a one-line question's prompt). Its keys and values are computed once; a group whose prompts all
+start with it prefills only what follows (a row's cached columns are the prefix's, shifted right by the row's
+left padding).
 
 transformers' continuous batching (`generate_batch`, paged attention) takes token ids only, with no way to pass
 each request's `pixel_values`, so it cannot serve image prompts for this model.
@@ -150,7 +151,7 @@ class Engine:
         """Run the new jobs' prompts as one left-padded batch and add their cache rows to the shared cache."""
         device = self.model.device
         prefix = len(self.prefix_ids)
-        if not prefix or not all(job.prepared.input_ids[:prefix] == self.prefix_ids for job in jobs):
+        if not all(job.prompt_tokens > prefix and job.prepared.input_ids[:prefix] == self.prefix_ids for job in jobs):
             prefix = 0
         width = prefix + max(job.prompt_tokens - prefix for job in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
