@@ -21,8 +21,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- fidelity:start -->", "<!-- fidelity:end -->")
 
 
-
-
 def render(rows: list[dict]) -> str:
     """A markdown table of `fidelity_table` rows."""
     columns = [key for key in rows[0] if key != "case"]

@@ -275,10 +275,6 @@ def _child(target: str, arguments: str) -> None:
     print(_RESULT_MARK + json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
-    _child(*sys.argv[1:3])
-
-
 def write_readme_block(markers: tuple[str, str], text: str, readme: Path | None = None) -> None:
     """Replace what README.md (or `readme`) holds between the two `markers` with `text`; atomic replace."""
     readme = readme or Path(__file__).resolve().parents[1] / "README.md"
@@ -288,3 +284,7 @@ def write_readme_block(markers: tuple[str, str], text: str, readme: Path | None 
     with tempfile.NamedTemporaryFile("w", dir=readme.parent, delete=False, encoding="utf-8") as tmp:
         tmp.write(updated)
     os.replace(tmp.name, readme)
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:3])

@@ -313,8 +313,6 @@ def accuracy_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
